@@ -1,0 +1,53 @@
+"""Exact softmax attention through PyTorch's scaled_dot_product_attention."""
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .errors import ConfigurationError
+from .layer import AttentionLayer
+from .registry import register_attention
+
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def visibility_mask(padding_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[batch, seq] padding (True = pad) -> [batch, 1, seq, seq] bool, True where a query may look.
+
+    Every position may see itself, so that a padded query never faces an all-masked row (NaN);
+    real queries never see a pad.
+    """
+    seq = padding_mask.shape[-1]
+    allowed = ~padding_mask[:, None, None, :]
+    if causal:
+        allowed = allowed & torch.ones(seq, seq, dtype=torch.bool, device=padding_mask.device).tril()
+    return allowed | torch.eye(seq, dtype=torch.bool, device=padding_mask.device)
+
+
+@register_attention("full")
+class FullAttention(AttentionLayer):
+    """O(n^2) exact attention; `backend` pins the SDPA kernel ("auto" lets PyTorch choose)."""
+
+    def __init__(self, *, dim: int, num_heads: int, causal: bool, backend: str = "auto"):
+        super().__init__(dim=dim, num_heads=num_heads, causal=causal)
+        if backend != "auto" and backend not in SDPA_BACKENDS:
+            raise ConfigurationError(
+                f"Unknown SDPA backend {backend!r}; use model.attention.backend= one of auto, "
+                f"{', '.join(SDPA_BACKENDS)}."
+            )
+        self.backend = backend
+
+    def attend(self, q, k, v, padding_mask):
+        if padding_mask is None:
+            kwargs = dict(is_causal=self.causal)
+        else:
+            kwargs = dict(attn_mask=visibility_mask(padding_mask, self.causal))
+        if self.backend == "auto":
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        with sdpa_kernel(SDPA_BACKENDS[self.backend]):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -1,0 +1,38 @@
+"""The shared shell of every attention kind: projections in, heads, projection out."""
+
+import torch
+from torch import nn
+
+
+class AttentionLayer(nn.Module):
+    """Multi-head self-attention with a kind-specific core.
+
+    forward(x [batch, seq, dim], padding_mask [batch, seq] bool or None) -> [batch, seq, dim].
+    `padding_mask` is True at padded positions: no query attends to them, and their own outputs
+    are unspecified (finite). Subclasses implement `attend(q, k, v, padding_mask)` on
+    `[batch, heads, seq, head_dim]` tensors; that keeps projections identical across kinds, so a
+    comparison measures the attention and nothing else.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, causal: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.dim, self.num_heads, self.causal = dim, num_heads, causal
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[batch, seq, dim] -> q, k, v, each [batch, heads, seq, head_dim]."""
+        batch, seq, _ = x.shape
+        qkv = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def attend(self, q, k, v, padding_mask):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        out = self.attend(*self.project(x), padding_mask)
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, self.dim))
