@@ -1,0 +1,35 @@
+"""Throughput and memory in the logs and the progress bar."""
+
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs train/tokens_per_s (all processes, wall clock between consecutive steps, data loading
+    included, validation excluded) and train/peak_mem_gib."""
+
+    def __init__(self):
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._last is not None:
+            tokens = (batch["tokens"].shape[1] - 1) * batch["tokens"].shape[0] * trainer.world_size
+            pl_module.log("train/tokens_per_s", tokens / (now - self._last), prog_bar=True)
+        pl_module.log("train/peak_mem_gib", peak_memory_gib(pl_module.device))
+        self._last = now
+
+    def on_validation_end(self, trainer, pl_module):
+        self._last = None  # do not count evaluation time as a training step

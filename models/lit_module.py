@@ -1,0 +1,99 @@
+"""The LightningModule: one training recipe for every attention kind and both objectives."""
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from .metrics import LanguageModelMetric
+from .objectives import IGNORE
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up from 0, then cosine decay to `min_lr_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LanguageModelModule(L.LightningModule):
+    """Trains `net` (tokens -> logits) with `objective`; logs train/loss, val/<metric>, test/<metric>.
+
+    `metric` is "bpc" (byte-level data) or "ppl" (token-level data). `optim` holds AdamW and schedule
+    settings: lr, weight_decay, betas, warmup_steps, total_steps (null: trainer.max_steps), min_lr_ratio.
+    `config` is the run's resolved config as plain data, stored in checkpoints (loadable with
+    `torch.load(weights_only=True)`).
+    """
+
+    def __init__(self, net: torch.nn.Module, objective, *, metric: str, optim: dict, seed: int = 0,
+                 compile: bool = False, config: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "objective"])
+        self.net, self.objective, self.optim, self.seed = net, objective, dict(optim), seed
+        self.val_metric = LanguageModelMetric(metric)
+        self.test_metric = LanguageModelMetric(metric)
+        if compile:
+            self.net.compile()
+
+    def _nll(self, batch, generator=None):
+        """Summed NLL, scored-token count and correct count for one batch."""
+        inputs, targets = self.objective(
+            batch, mask_token_id=self.net.mask_token_id, vocab_size=self.net.vocab_size, generator=generator
+        )
+        logits = self.net(inputs).float()
+        nll_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        scored = targets != IGNORE
+        correct = ((logits.argmax(-1) == targets) & scored).sum()
+        return nll_sum, scored.sum(), correct
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Every random draw of a step (dropout, masking) is a function of (seed, step, rank), so a
+        # resumed run repeats the uninterrupted one exactly.
+        torch.manual_seed(hash((self.seed, self.global_step, self.global_rank)) % 2**63)
+
+    def training_step(self, batch, batch_idx):
+        nll_sum, token_count, _ = self._nll(batch)
+        loss = nll_sum / token_count.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, batch_idx, metric):
+        # Masked LM draws the same masks at every evaluation: a generator seeded by the batch index.
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + batch_idx)
+        metric.update(*self._nll(batch, generator))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, self.val_metric)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, self.test_metric)
+
+    def _log_metric(self, metric, stage: str):
+        values = metric.compute()
+        self.log_dict({f"{stage}/{name}": value.float() for name, value in values.items()},
+                      prog_bar=stage == "val", rank_zero_only=False)
+        metric.reset()
+
+    def on_validation_epoch_end(self):
+        self._log_metric(self.val_metric, "val")
+
+    def on_test_epoch_end(self):
+        self._log_metric(self.test_metric, "test")
+
+    def configure_optimizers(self):
+        # No weight decay on biases, norms and positions-free vectors (nanoGPT's rule: decay matrices only).
+        decay = [p for p in self.net.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.net.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
+        )
+        total_steps = self.optim.get("total_steps") or self.trainer.max_steps
+        if total_steps is None or total_steps < 1:
+            raise ValueError("set trainer.max_steps (or optim.total_steps) so the LR schedule has an end")
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
+            step, warmup_steps=self.optim["warmup_steps"], total_steps=total_steps,
+            min_lr_ratio=self.optim["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,96 @@
+"""A pre-norm transformer language model whose attention layer is chosen by name.
+
+Positions: fixed sinusoidal embeddings added to the token embeddings (Vaswani et al.). They are the
+one scheme that works unchanged for every attention kind: rotary and ALiBi act on each query-key
+pair, which kinds that summarise keys (FMA's coarse levels, H-Transformer-1D's averages) or
+replace the softmax (linear attention) never form. Sinusoids have no length limit and no
+parameters, so a model can be evaluated at any `seq_len`.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from fma import build_attention
+
+
+def sinusoidal_positions(seq_len: int, dim: int, device=None) -> torch.Tensor:
+    """[seq_len, dim] float32: sin on even channels, cos on odd, wavelengths 2π … 10000·2π."""
+    position = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(seq_len, dim, device=device)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden)
+        self.proj = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(nn.functional.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x)): pre-norm keeps deep stacks stable."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, dropout: float, causal: bool, attention: dict):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim)
+        self.attention = build_attention(**attention, dim=dim, num_heads=num_heads, causal=causal)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio * dim, dropout)
+
+    def forward(self, x, padding_mask=None):
+        x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TransformerLM(nn.Module):
+    """tokens [batch, seq] -> logits [batch, seq, vocab_size].
+
+    The embedding has one extra row, id `vocab_size` (`mask_token_id`), reserved for masked LM, so
+    checkpoints have the same shapes for both objectives. The output head is tied to the first
+    `vocab_size` rows. `attention` is `{"name": kind, **options}` for `fma.build_attention`.
+    """
+
+    def __init__(self, *, vocab_size: int, causal: bool, attention: dict, dim: int = 256, depth: int = 4,
+                 num_heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.1):
+        super().__init__()
+        self.vocab_size, self.dim, self.causal = vocab_size, dim, causal
+        self.mask_token_id = vocab_size
+        self.embedding = nn.Embedding(vocab_size + 1, dim)
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio, dropout, causal, dict(attention)) for _ in range(depth)
+        )
+        self.final_norm = nn.LayerNorm(dim)
+        self._init_weights(depth)
+
+    def _init_weights(self, depth: int):
+        # GPT-2 scheme; the projections that write into the residual stream shrink with depth.
+        # Parameters an attention kind owns besides Linear layers (e.g. FMA's basis) keep their own init.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for name, parameter in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * depth))
+        nn.init.normal_(self.embedding.weight, std=self.dim**-0.5)
+
+    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        seq_len = tokens.shape[1]
+        x = self.embedding(tokens) * math.sqrt(self.dim)  # unit scale, like the sinusoids
+        x = x + sinusoidal_positions(seq_len, self.dim, tokens.device).to(x.dtype)
+        x = self.embedding_dropout(x)
+        for block in self.blocks:
+            x = block(x, padding_mask)
+        return self.final_norm(x) @ self.embedding.weight[: self.vocab_size].T

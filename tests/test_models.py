@@ -1,0 +1,146 @@
+"""The language model, objectives, metric and schedule, against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fma import ATTENTION_KINDS, build_attention
+from models import IGNORE, CausalLM, LanguageModelMetric, MaskedLM, TransformerLM
+from models.lit_module import warmup_cosine
+
+CAUSAL_KINDS = sorted(ATTENTION_KINDS)
+# Small options that give every kind a multi-level structure at the test lengths.
+KIND_OPTIONS = {"fma": {"block_size": 4, "rank": 2, "max_seq_len": 64}}
+
+
+def tiny_lm(kind: str, causal: bool, vocab_size: int = 11, dropout: float = 0.0) -> TransformerLM:
+    attention = {"name": kind, **KIND_OPTIONS.get(kind, {})}
+    return TransformerLM(vocab_size=vocab_size, causal=causal, attention=attention, dim=32, depth=2,
+                         num_heads=4, dropout=dropout)
+
+
+def test_metric_matches_hand_computation():
+    metric = LanguageModelMetric("bpc")
+    # Two batches of per-token NLLs: the metric must weigh tokens, not batches.
+    metric.update(torch.tensor(3.0), torch.tensor(2), torch.tensor(1))
+    metric.update(torch.tensor(1.0), torch.tensor(6), torch.tensor(5))
+    values = metric.compute()
+    assert values["loss"].item() == pytest.approx(4.0 / 8)
+    assert values["bpc"].item() == pytest.approx(0.5 / math.log(2))
+    assert values["acc"].item() == pytest.approx(6 / 8)
+    ppl = LanguageModelMetric("ppl")
+    ppl.update(torch.tensor(4.0), torch.tensor(8), torch.tensor(0))
+    assert ppl.compute()["ppl"].item() == pytest.approx(math.exp(0.5))
+    with pytest.raises(ValueError):
+        LanguageModelMetric("accuracy")
+
+
+def test_causal_objective_shifts_and_respects_first_target():
+    tokens = torch.arange(12).view(2, 6)
+    inputs, targets = CausalLM()({"tokens": tokens, "first_target": torch.tensor([0, 3])},
+                                 mask_token_id=99, vocab_size=99)
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [6, 7, 8, 9, 10]]
+    # Row 1 scores token positions >= 3 only: targets at input positions 2, 3, 4.
+    assert targets.tolist() == [[1, 2, 3, 4, 5], [IGNORE, IGNORE, 9, 10, 11]]
+
+
+def test_masked_objective_proportions_and_targets():
+    vocab_size, mask_id = 50, 50
+    tokens = torch.randint(vocab_size, (64, 4097), generator=torch.Generator().manual_seed(0))
+    first_target = torch.full((64,), 100)
+    generator = torch.Generator().manual_seed(1)
+    inputs, targets = MaskedLM()({"tokens": tokens, "first_target": first_target}, mask_token_id=mask_id,
+                                 vocab_size=vocab_size, generator=generator)
+    source = tokens[:, :-1]
+    selected = targets != IGNORE
+    assert not selected[:, :100].any()                       # nothing before first_target
+    assert torch.equal(targets[selected], source[selected])  # targets are the original tokens
+    assert torch.equal(inputs[~selected], source[~selected])  # unselected inputs untouched
+    n = selected[:, 100:].numel()
+    assert selected.sum().item() / n == pytest.approx(0.15, abs=0.003)
+    masked = (inputs == mask_id) & selected
+    replaced = (inputs != mask_id) & (inputs != source) & selected
+    # Random replacements that happen to draw the original token count as "kept": 10% * 1/50.
+    assert masked.sum().item() / selected.sum().item() == pytest.approx(0.8, abs=0.01)
+    assert replaced.sum().item() / selected.sum().item() == pytest.approx(0.1 * (1 - 1 / vocab_size), abs=0.01)
+    assert (inputs == mask_id).sum() == masked.sum()           # the mask token appears only where selected
+
+
+def test_warmup_cosine_schedule():
+    kw = dict(warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert warmup_cosine(0, **kw) == pytest.approx(0.1)
+    assert warmup_cosine(9, **kw) == pytest.approx(1.0)
+    assert warmup_cosine(10, **kw) == pytest.approx(1.0)
+    assert warmup_cosine(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(110, **kw) == pytest.approx(0.1)
+    assert warmup_cosine(500, **kw) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+def test_whole_model_is_causal(kind):
+    """Changing tokens after t leaves logits at and before t unchanged; gradients agree."""
+    torch.manual_seed(0)
+    model = tiny_lm(kind, causal=True).double().eval()
+    seq_len, t = 37, 20
+    tokens = torch.randint(11, (2, seq_len))
+    changed = tokens.clone()
+    changed[:, t + 1:] = torch.randint(11, (2, seq_len - t - 1))
+    assert not torch.equal(tokens, changed)
+    logits, logits_changed = model(tokens), model(changed)
+    assert torch.equal(logits[:, : t + 1], logits_changed[:, : t + 1])
+    assert not torch.allclose(logits[:, t + 1:], logits_changed[:, t + 1:])
+    # Gradient of output t with respect to the (continuous) input embeddings after t is exactly zero.
+    x = torch.randn(1, seq_len, 32, dtype=torch.float64, requires_grad=True)
+    out = x
+    for block in model.blocks:
+        out = block(out)
+    out[0, t].sum().backward()
+    assert torch.all(x.grad[0, t + 1:] == 0)
+    assert x.grad[0, : t + 1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_mask_hides_padded_keys(kind, causal):
+    """Outputs at real positions equal those of the sequence without its (right) padding."""
+    torch.manual_seed(0)
+    layer = build_attention(kind, dim=32, num_heads=4, causal=causal, **KIND_OPTIONS.get(kind, {})).double()
+    real, padded = 21, 32
+    x = torch.randn(2, padded, 32, dtype=torch.float64)
+    padding_mask = torch.zeros(2, padded, dtype=torch.bool)
+    padding_mask[:, real:] = True
+    with_pad = layer(x, padding_mask)[:, :real]
+    without = layer(x[:, :real])
+    torch.testing.assert_close(with_pad, without, rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(layer(x, padding_mask)).all()
+
+
+def test_full_layer_matches_softmax_formula():
+    torch.manual_seed(0)
+    layer = build_attention("full", dim=16, num_heads=2, causal=True).double()
+    x = torch.randn(3, 9, 16, dtype=torch.float64)
+    q, k, v = layer.project(x)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    expected = layer.proj((F.softmax(scores, -1) @ v).transpose(1, 2).reshape(3, 9, 16))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+@pytest.mark.parametrize("objective", [CausalLM(), MaskedLM(mask_prob=0.3)])
+def test_tiny_model_overfits_one_batch(kind, objective):
+    """A few hundred Adam steps on one fixed batch drive the loss far below chance (ln 11 = 2.40)."""
+    torch.manual_seed(0)
+    model = tiny_lm(kind, causal=objective.causal)
+    batch = {"tokens": torch.randint(11, (4, 33)), "first_target": torch.zeros(4, dtype=torch.long)}
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        inputs, targets = objective(batch, mask_token_id=11, vocab_size=11, generator=generator.manual_seed(0))
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5

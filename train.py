@@ -1,0 +1,116 @@
+"""Train and evaluate a language model: `python train.py model=<kind> data=<dataset> [overrides]`.
+
+Builds everything from configs/ with hydra.utils.instantiate, trains, then scores the test split
+with the best checkpoint. Mistakes a user can fix end with a one-paragraph message and exit code 2.
+"""
+
+import logging
+import math
+import netrc
+import os
+import sys
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fma import ConfigurationError
+
+log = logging.getLogger("train")
+
+
+def check_checkpoint_fits(module: torch.nn.Module, ckpt_path: str) -> None:
+    """Refuse a checkpoint whose parameter shapes differ from the configured model, before Lightning
+    half-restores it. Loads tensors and plain data only (no arbitrary unpickling)."""
+    if not os.path.isfile(ckpt_path):
+        raise ConfigurationError(f"ckpt_path={ckpt_path} does not exist. Point ckpt_path= at a .ckpt file "
+                                 f"(a run's checkpoints/last.ckpt), or drop it to start afresh.")
+    try:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as error:
+        raise ConfigurationError(f"ckpt_path={ckpt_path} is not a checkpoint this project can load safely "
+                                 f"({type(error).__name__}: {str(error)[:200]}). Use a .ckpt written by train.py.")
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in saved.items()}
+    problems = [f"{name}: checkpoint {found.get(name, 'missing')}, config {shape}"
+                for name, shape in expected.items() if found.get(name) != shape]
+    problems += [f"{name}: in the checkpoint only" for name in found.keys() - expected.keys()]
+    if problems:
+        raise ConfigurationError(
+            f"The checkpoint {ckpt_path} does not fit the configured model ({len(problems)} mismatches, e.g. "
+            f"{'; '.join(problems[:3])}). Resume with the model=, model.* and data.* settings of the run that "
+            f"wrote it (its .hydra/config.yaml lists them), or drop ckpt_path= to start afresh."
+        )
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for logger_cfg in (cfg.get("logger") or {}).values():
+        if logger_cfg.get("offline", "") is None:  # wandb: online only when logged in
+            logger_cfg = OmegaConf.merge(logger_cfg, {"offline": not has_wandb_credentials()})
+        loggers.append(hydra.utils.instantiate(logger_cfg))
+    return loggers
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, then test; returns the final validation and test metrics."""
+    import lightning as L
+
+    from models import LanguageModelModule
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()  # the model's vocabulary size comes from the data (a trained BPE)
+    objective = hydra.utils.instantiate(cfg.objective)
+    net = hydra.utils.instantiate(cfg.model, vocab_size=datamodule.vocab_size, causal=objective.causal,
+                                  _convert_="all")
+    module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=cfg.optim, seed=cfg.seed,
+                                 compile=cfg.compile, config=OmegaConf.to_container(cfg, resolve=True))
+    log.info("model: %s attention, %.2fM parameters", cfg.model.attention.name,
+             sum(p.numel() for p in net.parameters()) / 1e6)
+
+    trainer_cfg = cfg.trainer
+    if trainer_cfg.precision is None:
+        on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (
+            trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"precision": "bf16-mixed" if on_gpu else "32-true"})
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=build_loggers(cfg))
+
+    if cfg.ckpt_path:
+        check_checkpoint_fits(module, cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    summary = ", ".join(f"{k} = {v:.4f}" for k, v in sorted(results.items()) if not math.isnan(v))
+    log.info("final: %s", summary)
+    print(f"final: {summary}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        results = train(cfg)
+    except ConfigurationError as error:
+        print(f"\nerror: {error}\n", file=sys.stderr)
+        sys.exit(2)
+    metric = next((v for k, v in results.items() if k in ("val/bpc", "val/ppl")), None)
+    return metric  # for Hydra sweepers that minimise the validation metric
+
+
+if __name__ == "__main__":
+    main()
