@@ -61,6 +61,13 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def configuration_error_in(error: BaseException) -> ConfigurationError | None:
+    """The ConfigurationError behind `error`, if any (hydra.utils.instantiate wraps what it raises)."""
+    while error is not None and not isinstance(error, ConfigurationError):
+        error = error.__cause__
+    return error
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test; returns the final validation and test metrics."""
     import lightning as L
@@ -73,7 +80,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     objective = hydra.utils.instantiate(cfg.objective)
     net = hydra.utils.instantiate(cfg.model, vocab_size=datamodule.vocab_size, causal=objective.causal,
                                   _convert_="all")
-    module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=cfg.optim, seed=cfg.seed,
+    module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=OmegaConf.to_container(cfg.optim),
+                                 seed=cfg.seed,
                                  compile=cfg.compile, config=OmegaConf.to_container(cfg, resolve=True))
     log.info("model: %s attention, %.2fM parameters", cfg.model.attention.name,
              sum(p.numel() for p in net.parameters()) / 1e6)
@@ -89,10 +97,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.ckpt_path:
         check_checkpoint_fits(module, cfg.ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.save_checkpoint(os.path.join(cfg.paths.output_dir, "checkpoints", "last.ckpt"))
     results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     summary = ", ".join(f"{k} = {v:.4f}" for k, v in sorted(results.items()) if not math.isnan(v))
@@ -105,8 +114,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
-    except ConfigurationError as error:
-        print(f"\nerror: {error}\n", file=sys.stderr)
+    except Exception as error:
+        user_error = configuration_error_in(error)
+        if user_error is None:
+            raise
+        print(f"\nerror: {user_error}\n", file=sys.stderr)
         sys.exit(2)
     metric = next((v for k, v in results.items() if k in ("val/bpc", "val/ppl")), None)
     return metric  # for Hydra sweepers that minimise the validation metric

@@ -1,11 +1,13 @@
-"""Throughput and memory in the logs and the progress bar."""
+"""Throughput and memory in the logs and the progress bar; crash-safe checkpoint writing."""
 
+import os
 import resource
 import sys
 import time
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -33,3 +35,17 @@ class ThroughputMonitor(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         self._last = None  # do not count evaluation time as a training step
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint under a temporary name and renames it into place: a run killed while
+    saving leaves the previous checkpoint intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            super().save_checkpoint(checkpoint, temporary, storage_options)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)

@@ -1,0 +1,93 @@
+"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"), feature map elu(x) + 1.
+
+    out_i = sum_j phi(q_i).phi(k_j) v_j / (sum_j phi(q_i).phi(k_j) + eps),   j <= i when causal.
+
+Non-causal: phi(K)^T V ([d, d]) and sum_j phi(k_j) once, O(n d^2). Causal, chunked: within a chunk
+the quadratic form with a causal mask; across chunks the running state sum phi(k_j) v_j^T of all
+earlier chunks, one [d, d] state per chunk (never one per position). `linear_attention_reference`
+is the plain O(n^2) formula the tests hold both paths to.
+
+Precision: the feature map and every sum run in float32 (float64 stays float64) and the output is
+cast back. In bf16, elu(x) + 1 rounds to 0 for x below about -5.5, and long sums lose the small terms.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigurationError
+from .layer import AttentionLayer
+from .registry import register_attention
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """elu(x) + 1: positive, so every weight phi(q).phi(k) is positive and the normaliser never vanishes."""
+    return F.elu(x) + 1
+
+
+def linear_attention(q, k, v, *, causal: bool, chunk_size: int, eps: float, padding_mask=None):
+    """q, k, v [batch, heads, n, d] -> [batch, heads, n, d] in q's dtype; padded keys get weight 0."""
+    dtype = q.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    phi_q, phi_k, v = feature_map(q.to(compute)), feature_map(k.to(compute)), v.to(compute)
+    if padding_mask is not None:
+        phi_k = phi_k.masked_fill(padding_mask[:, None, :, None], 0.0)
+    if causal:
+        numerator, denominator = causal_chunked_sums(phi_q, phi_k, v, chunk_size)
+    else:
+        numerator = phi_q @ (phi_k.transpose(-1, -2) @ v)
+        denominator = phi_q @ phi_k.sum(-2).unsqueeze(-1)
+    return (numerator / (denominator + eps)).to(dtype)
+
+
+def causal_chunked_sums(phi_q, phi_k, v, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal numerator [b, h, n, d] and denominator [b, h, n, 1], chunk by chunk.
+
+    The sequence is padded with phi(k) = 0 to whole chunks (pads add nothing). Chunk c's queries get
+    the masked quadratic form within c plus their product with the state of chunks 0..c-1.
+    """
+    n = phi_q.shape[-2]
+    chunks = -(-n // chunk_size)
+    phi_q, phi_k, v = (F.pad(x, (0, 0, 0, chunks * chunk_size - n)).unflatten(-2, (chunks, chunk_size))
+                       for x in (phi_q, phi_k, v))
+    causal_mask = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=v.device).tril()
+    within = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~causal_mask, 0.0)  # [b, h, chunks, C, C]
+    chunk_state = phi_k.transpose(-1, -2) @ v  # [b, h, chunks, d, d]: sum of phi(k_j) v_j^T in the chunk
+    chunk_norm = phi_k.sum(-2).unsqueeze(-1)  # [b, h, chunks, d, 1]
+    state, norm = exclusive_cumsum(chunk_state), exclusive_cumsum(chunk_norm)  # earlier chunks only
+    numerator = within @ v + phi_q @ state
+    denominator = within.sum(-1, keepdim=True) + phi_q @ norm
+    return numerator.flatten(2, 3)[:, :, :n], denominator.flatten(2, 3)[:, :, :n]
+
+
+def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Sums over the chunks before each chunk (dim 2), starting from zero; no subtraction, so no cancellation."""
+    return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2).cumsum(2)
+
+
+def linear_attention_reference(q, k, v, *, causal: bool, eps: float) -> torch.Tensor:
+    """The O(n^2) formula, for tests: weights phi(q_i).phi(k_j), lower-triangular when causal."""
+    weights = feature_map(q) @ feature_map(k).transpose(-1, -2)
+    if causal:
+        weights = weights.tril()
+    return weights @ v / (weights.sum(-1, keepdim=True) + eps)
+
+
+@register_attention("linear")
+class LinearAttention(AttentionLayer):
+    """Linear attention with elu + 1 features (no 1/sqrt(d): the feature map replaces the softmax).
+
+    chunk_size: positions per chunk in the causal form (quadratic within, recurrent across).
+    eps: added to the normaliser.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, causal: bool, chunk_size: int = 64, eps: float = 1e-6):
+        super().__init__(dim=dim, num_heads=num_heads, causal=causal)
+        if chunk_size < 1:
+            raise ConfigurationError(f"chunk_size={chunk_size} must be at least 1; set model.attention.chunk_size=.")
+        if eps < 0:
+            raise ConfigurationError(f"eps={eps} must not be negative; set model.attention.eps=.")
+        self.chunk_size, self.eps = chunk_size, eps
+
+    def attend(self, q, k, v, padding_mask):
+        return linear_attention(q, k, v, causal=self.causal, chunk_size=self.chunk_size, eps=self.eps,
+                                padding_mask=padding_mask)

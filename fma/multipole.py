@@ -1,0 +1,93 @@
+"""Fast Multipole Attention as an attention kind: `model=fma`."""
+
+import torch
+import torch.nn.functional as F
+
+from .downsample import Downsample
+from .errors import ConfigurationError
+from .functional import BACKENDS, multipole_attention, padded_length
+from .layer import AttentionLayer
+from .registry import register_attention
+
+
+@register_attention("fma")
+class FastMultipoleAttention(AttentionLayer):
+    """Fine attention to neighbour blocks, learned coarse summaries farther away, one softmax.
+
+    Options: block_size m (finest block), rank p (summaries per cell and level), downsample (how
+    cells are summarised, separately for keys and values, see fma/downsample.py), scale_coarse
+    (a summary counts as the tokens it stands for: + log(w/p) on its logit), backend ("auto" is
+    "torch" on every device until a GPU kernel exists), max_seq_len (the longest input; learned
+    summaries have parameters per level, and the number of levels grows with length).
+
+    Any length works: a sequence is padded at the end to `padded_length` (m * 2^k, at least 4m).
+    Padded positions, and positions marked in `padding_mask`, get exactly zero attention weight:
+    as fine keys they are masked, and coarse summaries are built from real tokens only and
+    weighted by real counts; a summary of no real token is masked. Short sequences need no special
+    case: for n <= 2m every real key lies in a query's fine neighbourhood and every coarse cell is
+    padding, so the result is exact full attention; for 2m < n < 4m it is FMA at length 4m.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        causal: bool,
+        block_size: int = 64,
+        rank: int = 2,
+        downsample: str = "groupedconv",
+        scale_coarse: bool = True,
+        backend: str = "auto",
+        max_seq_len: int = 4096,
+    ):
+        super().__init__(dim=dim, num_heads=num_heads, causal=causal)
+        if block_size < 1:
+            raise ConfigurationError(f"block_size={block_size} must be at least 1; set model.attention.block_size=.")
+        if not 1 <= rank <= block_size:
+            raise ConfigurationError(
+                f"rank={rank} must be between 1 and block_size={block_size} (more summaries than tokens "
+                f"summarise nothing); set model.attention.rank=."
+            )
+        if downsample == "avgpool" and block_size % rank:
+            raise ConfigurationError(
+                f"avgpool averages block_size/rank tokens per summary, so rank={rank} must divide "
+                f"block_size={block_size}; set model.attention.rank= or model.attention.block_size=."
+            )
+        if max_seq_len < 1:
+            raise ConfigurationError(
+                f"max_seq_len={max_seq_len} must be at least 1; set model.attention.max_seq_len=."
+            )
+        if backend != "auto" and backend not in BACKENDS:
+            raise ConfigurationError(
+                f"Unknown FMA backend {backend!r}; use model.attention.backend= one of auto, {', '.join(BACKENDS)}."
+            )
+        self.block_size, self.scale_coarse, self.max_seq_len = block_size, scale_coarse, max_seq_len
+        self.backend = "torch" if backend == "auto" else backend
+        basis = dict(head_dim=self.head_dim, block_size=block_size, rank=rank, max_seq_len=max_seq_len)
+        self.key_downsample = Downsample(downsample, **basis)
+        self.value_downsample = Downsample(downsample, **basis)
+
+    def attend(self, q, k, v, padding_mask):
+        """q, k, v [batch, heads, n, d], padding_mask [batch, n] (True = pad) or None -> [batch, heads, n, d]."""
+        batch, _, n, _ = q.shape
+        if n > self.max_seq_len:
+            raise ConfigurationError(
+                f"Sequence length {n} exceeds the FMA layer's max_seq_len={self.max_seq_len} (learned "
+                f"summaries exist only for the levels up to it); lower data.seq_len= or raise "
+                f"model.attention.max_seq_len=."
+            )
+        valid = padded_length(n, self.block_size)
+        if valid != n or padding_mask is not None:
+            if padding_mask is None:
+                padding_mask = torch.zeros(batch, n, dtype=torch.bool, device=q.device)
+            padding_mask = F.pad(padding_mask, (0, valid - n), value=True)
+            q, k, v = (F.pad(x, (0, 0, 0, valid - n)) for x in (q, k, v))
+        coarse_k, coarse_counts = self.key_downsample(k, padding_mask)
+        coarse_v, _ = self.value_downsample(v, padding_mask)
+        out = multipole_attention(
+            q, k, v, coarse_k, coarse_v, block_size=self.block_size, causal=self.causal,
+            scale_coarse=self.scale_coarse, key_padding_mask=padding_mask, coarse_counts=coarse_counts,
+            backend=self.backend,
+        )
+        return out[:, :, :n]

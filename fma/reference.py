@@ -1,0 +1,113 @@
+"""Plain, slow Fast Multipole Attention: the ground truth that every faster path is tested against.
+
+Written straight from docs/fma-algorithm.md, one query and one cell at a time, in any dtype.
+Shares only `padded_length` and `level_widths` (definitions, not computation) with the fast path.
+Never used for training.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .downsample import Downsample
+from .functional import level_widths, padded_length
+
+
+def interaction_lists(n: int, block_size: int, causal: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """For a valid length n, per query i: (fine key indices, [(level, cell), ...]) it attends to."""
+    assert padded_length(n, block_size) == n, f"{n} is not a valid length for block_size={block_size}"
+    m, widths = block_size, level_widths(n, block_size)
+    lists = []
+    for i in range(n):
+        block = i // m
+        if causal:
+            fine = list(range(max(0, (block - 1) * m), i + 1))
+        else:
+            fine = list(range(max(0, (block - 1) * m), min(n, (block + 2) * m)))
+        coarse = []
+        for level, w in enumerate(widths, 1):
+            if causal:
+                parent, half = i // (2 * w), (i % (2 * w)) // w
+                cells = [2 * parent - 2] + ([2 * parent - 1] if half == 1 else [])
+            else:
+                g = i // w
+                cells = [g - 2, g + 2, g + 3] if g % 2 == 0 else [g - 3, g - 2, g + 2]
+            coarse += [(level, c) for c in cells if 0 <= c < n // w]
+        lists.append((fine, coarse))
+    return lists
+
+
+def reference_multipole_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_downsample: Downsample,
+    value_downsample: Downsample,
+    *,
+    block_size: int,
+    causal: bool,
+    scale_coarse: bool,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q, k, v [batch, heads, n, d] (any n), padding_mask [batch, n] (True = pad) -> [batch, heads, n, d].
+
+    The sequence is thought of as padded to `padded_length(n)`; pads (and masked positions) are
+    never attended to: fine pads get logit -inf, summaries use real tokens only with real counts.
+    Every query must see at least one real key (true unless a causal prefix is all padding).
+    """
+    batch, heads, n, head_dim = q.shape
+    valid = padded_length(n, block_size)
+    real = torch.zeros(batch, valid, dtype=torch.bool, device=q.device)
+    real[:, :n] = True if padding_mask is None else ~padding_mask
+
+    # (level, cell) -> keys, values [batch, heads, p, d] and counts [batch, p]
+    summaries = {}
+    padded_k, padded_v = (F.pad(x, (0, 0, 0, valid - n)) for x in (k, v))
+    for level, w in enumerate(level_widths(valid, block_size), 1):
+        for cell in range(valid // w):
+            tokens = slice(cell * w, (cell + 1) * w)
+            ck, counts = _summarise_cell(padded_k[:, :, tokens], real[:, tokens], key_downsample, level)
+            cv, _ = _summarise_cell(padded_v[:, :, tokens], real[:, tokens], value_downsample, level)
+            summaries[level, cell] = ck, cv, counts
+
+    outputs = []
+    for i, (fine, coarse) in enumerate(interaction_lists(valid, block_size, causal)[:n]):
+        fine = [j for j in fine if j < n]
+        keys, values = [k[:, :, fine]], [v[:, :, fine]]
+        fine_bias = torch.zeros(batch, len(fine), dtype=q.dtype, device=q.device)
+        logit_bias = [fine_bias.masked_fill(~real[:, fine], -math.inf)]
+        for level_cell in coarse:
+            ck, cv, counts = summaries[level_cell]
+            keys.append(ck)
+            values.append(cv)
+            weight_bias = counts.log() if scale_coarse else torch.zeros_like(counts)
+            logit_bias.append(weight_bias.masked_fill(counts == 0, -math.inf))
+        scores = torch.einsum("bhd,bhsd->bhs", q[:, :, i], torch.cat(keys, 2)) / math.sqrt(head_dim)
+        weights = torch.softmax(scores + torch.cat(logit_bias, 1)[:, None], dim=-1)
+        outputs.append(torch.einsum("bhs,bhsd->bhd", weights, torch.cat(values, 2)))
+    return torch.stack(outputs, dim=2)
+
+
+def _summarise_cell(x, real, downsample: Downsample, level: int):
+    """x [batch, heads, w, d]: one level-`level` cell; real [batch, w] bool (False = pad)
+    -> summaries [batch, heads, p, d] of its real tokens, counts [batch, p] of real tokens behind each."""
+    p, dtype = downsample.rank, x.dtype
+    x = x.masked_fill(~real[:, None, :, None], 0)
+    if downsample.kind == "avgpool":
+        segment = x.shape[2] // p
+        sums, counts = [], []
+        for r in range(p):
+            part = slice(r * segment, (r + 1) * segment)
+            sums.append(x[:, :, part].sum(2))
+            counts.append(real[:, part].sum(1).to(dtype))
+        counts = torch.stack(counts, 1)
+        return torch.stack(sums, 2) / counts.clamp_min(1)[:, None, :, None], counts
+    weight = downsample.weight[f"level{level}"]
+    bias = downsample.bias[f"level{level}"]
+    if downsample.kind == "groupedconv":
+        summary = bias + torch.einsum("bhtd,rtd->bhrd", x, weight)
+    else:
+        summary = bias + torch.einsum("bhtc,rtco->bhro", x, weight)
+    counts = (real.sum(1, keepdim=True).to(dtype) / p).expand(-1, p)
+    return summary, counts

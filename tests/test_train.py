@@ -1,0 +1,146 @@
+"""train.py end to end on the real configs: composition, tiny runs, resume, sweeps, bad input."""
+
+import math
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA, TINY, compose_config, logged, read_metrics, run_train_cli
+from fma import ConfigurationError
+from train import train
+
+GROUP_OPTIONS = {group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml") if not p.stem.startswith("_"))
+                 for group in ("model", "data", "objective", "trainer", "logger", "experiment")}
+
+
+def test_every_model_data_objective_combination_composes(tmp_path):
+    assert {"full", "fma"} <= set(GROUP_OPTIONS["model"])
+    assert set(GROUP_OPTIONS["data"]) == {"enwik8", "synthetic", "text", "wikitext103"}
+    for model in GROUP_OPTIONS["model"]:
+        for data in GROUP_OPTIONS["data"]:
+            for objective in GROUP_OPTIONS["objective"]:
+                cfg = compose_config(tmp_path, [f"model={model}", f"data={data}", f"objective={objective}",
+                                                "data.path=/unused"] if data != "synthetic" else
+                                     [f"model={model}", f"data={data}", f"objective={objective}"], tiny=False)
+                assert cfg.model.attention.name == model
+                assert hydra.utils.get_class(cfg.data._target_).__name__.lower().startswith(data[:4])
+                objective_fn = hydra.utils.instantiate(cfg.objective)
+                net = hydra.utils.instantiate(cfg.model, vocab_size=256, causal=objective_fn.causal, _convert_="all")
+                assert net(torch.randint(256, (1, 8))).shape == (1, 8, 256)
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger", "experiment"])
+def test_other_groups_compose(tmp_path, group):
+    for option in GROUP_OPTIONS[group]:
+        cfg = compose_config(tmp_path, [f"{group}={option}", "data.path=/unused"] if group == "experiment"
+                             else [f"{group}={option}"], tiny=False)
+        if group == "logger":
+            for logger_cfg in cfg.logger.values():
+                hydra.utils.get_class(logger_cfg._target_)
+        if group == "trainer":
+            assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One finished tiny causal-LM run: (config, results, run folder)."""
+    tmp_path = tmp_path_factory.mktemp("tiny")
+    cfg = compose_config(tmp_path, [])
+    return cfg, train(cfg), tmp_path / "run"
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_tiny_run_writes_metrics_and_checkpoints(tmp_path, tiny_run, objective):
+    if objective == "clm":
+        cfg, results, run_dir = tiny_run
+    else:
+        cfg = compose_config(tmp_path, ["objective=mlm"])
+        results, run_dir = train(cfg), tmp_path / "run"
+    rows = read_metrics(run_dir)
+    losses = logged(rows, "train/loss")
+    assert sorted(losses) == list(range(6)) and all(math.isfinite(v) for v in losses.values())
+    val = logged(rows, "val/ppl")
+    assert len(val) == 2 and all(v > 1 for v in val.values())    # validated at steps 3 and 6
+    assert math.isfinite(results["test/ppl"]) and results["test/ppl"] > 1
+    assert results["val/ppl"] == pytest.approx(math.exp(results["val/loss"]), rel=1e-5)
+    assert logged(rows, "train/tokens_per_s") and logged(rows, "train/peak_mem_gib")
+    for name in ("last.ckpt", "best.ckpt"):
+        checkpoint = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert checkpoint["global_step"] == 6 if name == "last.ckpt" else checkpoint["global_step"] in (3, 6)
+        assert checkpoint["hyper_parameters"]["config"]["objective"]["_target_"].endswith(
+            "CausalLM" if objective == "clm" else "MaskedLM")
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, objective):
+    """Resume at step 4 of 8: steps 4..7 log exactly the losses of the uninterrupted run (dropout on,
+    random masks for MLM), because weights, optimizer, schedule, RNG and data position are restored."""
+    step_checkpoint = ["+callbacks.every_4._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                       f"+callbacks.every_4.dirpath={tmp_path / 'steps'}", "+callbacks.every_4.every_n_train_steps=4",
+                       "+callbacks.every_4.save_top_k=-1", "+callbacks.every_4.filename='{step}'"]
+    common = [f"objective={objective}", "trainer.max_steps=8", "trainer.val_check_interval=5", "model.dropout=0.1"]
+    train(compose_config(tmp_path / "a", [*common, *step_checkpoint]))
+    uninterrupted = logged(read_metrics(tmp_path / "a" / "run"), "train/loss")
+    resume_from = tmp_path / "steps" / "step=4.ckpt"
+    assert resume_from.exists()
+    train(compose_config(tmp_path / "b", [*common, f"ckpt_path='{resume_from}'"]))
+    resumed = logged(read_metrics(tmp_path / "b" / "run"), "train/loss")
+    assert sorted(resumed) == [4, 5, 6, 7]
+    assert resumed == {step: uninterrupted[step] for step in resumed}
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path, tiny_run):
+    _, _, run_dir = tiny_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(ConfigurationError, match="does not fit the configured model"):
+        train(compose_config(tmp_path, ["model.dim=48", f"ckpt_path={last}", "trainer.max_steps=8"]))
+    with pytest.raises(ConfigurationError, match="ckpt_path="):
+        train(compose_config(tmp_path, [f"ckpt_path={tmp_path / 'missing.ckpt'}"]))
+    assert last.read_bytes() == before   # the checkpoint is untouched
+
+
+def test_unknown_attention_kind_exits_with_a_message(tmp_path):
+    result = run_train_cli([*TINY, "model.attention.name=nope", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Unknown attention kind 'nope'" in result.stderr and "model=<kind>" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_file_exits_with_a_message(tmp_path):
+    result = run_train_cli([*TINY, "data=text", f"data.path={tmp_path / 'nothing.txt'}",
+                            f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "data.path=" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_seq_len_longer_than_a_split_is_refused(tmp_path):
+    text = tmp_path / "small.txt"
+    text.write_text("abcdefghij" * 100)   # 1000 bytes: valid and test splits get 50
+    with pytest.raises(ConfigurationError, match="data.seq_len="):
+        train(compose_config(tmp_path, ["data=text", f"data.path={text}", "data.seq_len=64"]))
+
+
+def test_multirun_sweep_runs_every_point(tmp_path):
+    result = run_train_cli(["-m", *TINY, "data.seq_len=16,32", "test=false", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                            f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for point in ("0", "1"):
+        val = logged(read_metrics(tmp_path / "sweep" / point), "val/ppl")
+        assert len(val) == 2
+    configs = [(tmp_path / "sweep" / p / ".hydra" / "overrides.yaml").read_text() for p in ("0", "1")]
+    assert "data.seq_len=16" in configs[0] and "data.seq_len=32" in configs[1]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare.txt").exists(), reason="needs ../shared/data")
+def test_text_data_byte_level_bpc_falls(tmp_path):
+    results = train(compose_config(tmp_path, ["data=text", f"data.path={SHARED_DATA / 'tinyshakespeare.txt'}",
+                                              "data.val_windows=8", "trainer.max_steps=60", "trainer.val_check_interval=20",
+                                              "optim.lr=3e-3"]))
+    val_bpc = logged(read_metrics(tmp_path / "run"), "val/bpc")
+    assert len(val_bpc) == 3
+    bpc = list(val_bpc.values())
+    assert bpc[0] > bpc[1] > bpc[2] and bpc[2] < 5.5   # an untrained model scores above 8 bits
+    assert results["test/bpc"] == pytest.approx(results["test/loss"] / math.log(2), rel=1e-5)
