@@ -7,7 +7,16 @@ Kinds (docs/fma-algorithm.md), all shared across heads, one set of parameters pe
   Parameters W [p, w_l, d, d], b [p, d].
 - avgpool: the p summaries are means of w_l / p consecutive tokens; nothing is learned.
 A summary mixes only tokens of its own cell, which keeps the causal version leak-free.
+
+groupedconv and avgpool also have a fused Triton path (fma/triton_downsample.py: all levels in one
+pass over x, forward and backward). `Downsample.forward` takes it for CUDA inputs, or wherever
+`fused=True` (argument) or `FUSED = True` (module switch) asks for it, e.g. tests on the CPU under
+TRITON_INTERPRET=1; `fused=False` / `FUSED = False` keep the torch code below, which stays the
+reference. The fused path returns its summaries in x's dtype, as views of one buffer [B, H, T, d].
 """
+
+import functools
+import importlib.util
 
 import torch
 from torch import nn
@@ -16,6 +25,9 @@ from .errors import ConfigurationError
 from .functional import level_widths, padded_length
 
 DOWNSAMPLE_KINDS = ("groupedconv", "conv", "avgpool")
+FUSED_KINDS = ("groupedconv", "avgpool")
+# None: fused for CUDA inputs when Triton is installed; True: fused wherever supported; False: never.
+FUSED: bool | None = None
 
 
 class Downsample(nn.Module):
@@ -52,7 +64,7 @@ class Downsample(nn.Module):
             self.weight[f"level{level}"] = nn.Parameter(weight.clone())
             self.bias[f"level{level}"] = nn.Parameter(torch.zeros(rank, head_dim))
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, fused: bool | None = None):
         widths = level_widths(x.shape[2], self.block_size)
         if padding_mask is None:
             counts = None
@@ -60,11 +72,27 @@ class Downsample(nn.Module):
             x = x.masked_fill(padding_mask[:, None, :, None], 0)
             real = (~padding_mask).to(torch.promote_types(x.dtype, torch.float32))
             counts = [self.real_counts(real, width) for width in widths]
+        if self.use_fused(x, fused):
+            from .triton_downsample import fused_summaries, split_levels  # imports Triton: only here
+
+            weights = [self.weight[f"level{level}"] for level in range(1, len(widths) + 1)] if self.weight else None
+            biases = [self.bias[f"level{level}"] for level in range(1, len(widths) + 1)] if self.bias else None
+            buffer = fused_summaries(x, self.kind, self.block_size, self.rank, weights, biases, counts)
+            return split_levels(buffer, self.block_size, self.rank), counts
         summaries = [
             self.summarise(x, level, width, None if counts is None else counts[level - 1])
             for level, width in enumerate(widths, 1)
         ]
         return summaries, counts
+
+    def use_fused(self, x: torch.Tensor, fused: bool | None = None) -> bool:
+        """Whether forward takes the fused Triton path (see the module docstring)."""
+        wanted = FUSED if fused is None else fused
+        if wanted is False or self.kind not in FUSED_KINDS or len(level_widths(x.shape[2], self.block_size)) == 0:
+            return False
+        if wanted is None:
+            return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_installed()
+        return True
 
     def real_counts(self, real: torch.Tensor, width: int) -> torch.Tensor:
         """real [batch, n] (1 real, 0 pad) -> [batch, (n / w) * p]: real tokens behind each summary:
@@ -95,3 +123,8 @@ def segment_average(width: int, rank: int) -> torch.Tensor:
     segment_of_token = torch.arange(width) * rank // width
     one_hot = (segment_of_token == torch.arange(rank)[:, None]).float()
     return one_hot / one_hot.sum(1, keepdim=True)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None

@@ -97,7 +97,12 @@ def block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, rank, caus
     return out.reshape(batch, heads, n, head_dim)
 
 
-BACKENDS = {"torch": block_local_attention}
+BACKENDS = {
+    "torch": block_local_attention,
+    # Fused GPU kernels (fma/triton_attention.py): listed where triton is installed, imported on first call.
+    **({"triton": lambda *args, **kwargs: __import__("fma.triton_attention", fromlist=["_"]).triton_block_local_attention(*args, **kwargs)}
+       if __import__("importlib.util").util.find_spec("triton") else {}),
+}
 
 
 def _key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_counts, dtype, device):

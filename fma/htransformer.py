@@ -16,12 +16,14 @@ past (or of the whole sequence) exactly once, the neighbouring fine block includ
 All levels share one softmax: level pieces (max, numerator, denominator) are merged on a common max,
 never normalised per level (the public code normalises each level separately and, causal, drops the
 neighbouring fine block and most of the past). A coarse token standing for c real tokens adds log c
-to its logit, so when Q, K and V are constant over coarse tokens the result is full attention.
+to its logit, so when Q, K and V are constant over the top level's coarse tokens (2^L tokens) the
+result is full attention.
 
 Queries: bidirectional, a level-l coarse query is the mean of its 2^l queries and its result is
-repeated back to them (the paper's scheme, O(n Nr) in all). Causal keeps each token's own query at
-every level: a mean over a coarse token would mix in the queries of up to 2^l - 1 later tokens and
-let the future change earlier outputs. That costs O(n Nr log(n / Nr)).
+repeated back to them (the paper's scheme: O(n Nr) scores over all levels). Causal keeps each
+token's own query at every level: a mean over a coarse token would mix in the queries of up to
+2^l - 1 later tokens and let the future change earlier outputs; that costs O(n Nr log(n / Nr))
+scores. Either way each level's pieces are repeated to every query for the one merge, O(n d) per level.
 
 Padding: coarse tokens average real tokens only and count real tokens; a coarse token with none is
 hidden; padded fine keys are hidden from every query but themselves.
@@ -161,4 +163,5 @@ class HTransformer1D(AttentionLayer):
         self.block_size = block_size
 
     def attend(self, q, k, v, padding_mask):
-        return hierarchical_attention(q, k, v, block_size=self.block_size, causal=self.causal, padding_mask=padding_mask)
+        return hierarchical_attention(q, k, v, block_size=self.block_size, causal=self.causal,
+                                      padding_mask=padding_mask)

@@ -1,7 +1,7 @@
 """Sliding-window attention, and the block-local pieces that other kinds build on.
 
 `window` = w, exactly:
-- causal: query i sees keys j with i - w < j <= i (the previous w tokens, itself included);
+- causal: query i sees keys j with i - w < j <= i (w tokens: itself and the w - 1 before it);
 - bidirectional: query i sees keys j with |i - j| < w (w - 1 tokens each side and itself).
 A window of at least n is full attention.
 
@@ -95,7 +95,9 @@ class LocalAttention(AttentionLayer):
     def __init__(self, *, dim: int, num_heads: int, causal: bool, window: int = 128):
         super().__init__(dim=dim, num_heads=num_heads, causal=causal)
         if window < 1:
-            raise ConfigurationError(f"window={window} must be at least 1 (the query itself); set model.attention.window=.")
+            raise ConfigurationError(
+                f"window={window} must be at least 1 (the query itself); set model.attention.window=."
+            )
         self.window = window
 
     def attend(self, q, k, v, padding_mask):

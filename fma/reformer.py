@@ -61,6 +61,7 @@ def lsh_attention(q, k, v, buckets, *, window: int, causal: bool) -> torch.Tenso
     order = (buckets * n + position).argsort(-1)  # [b, h, rounds, n]: by bucket, ties by position
     rank = torch.empty_like(order).scatter_(-1, order, position.expand_as(order))  # token -> its place
     sorted_q, sorted_k, sorted_v = (x.unsqueeze(2).take_along_dim(order.unsqueeze(-1), dim=3) for x in (q, k, v))
+    sorted_bucket = buckets.take_along_dim(order, dim=-1)
     # Bucket and place, in every round, of the token at each sorted place: [b, h, sorting round, round, n].
     their_bucket = buckets.unsqueeze(2).take_along_dim(order.unsqueeze(3), dim=-1)
     their_rank = rank.unsqueeze(2).take_along_dim(order.unsqueeze(3), dim=-1)
@@ -69,7 +70,8 @@ def lsh_attention(q, k, v, buckets, *, window: int, causal: bool) -> torch.Tenso
     reach = min(window, n) - 1
     pad = (reach, 0 if causal else reach)
     padded_k, padded_v = (F.pad(x, (0, 0, *pad)) for x in (sorted_k, sorted_v))
-    padded_bucket = F.pad(their_bucket, pad, value=-1)  # no token's bucket: never visible
+    padded_sorted_bucket = F.pad(sorted_bucket, pad, value=-1)  # -1 is no token's bucket: never visible
+    padded_bucket = F.pad(their_bucket, pad, value=-1)
     padded_rank = F.pad(their_rank, pad)
     offsets = range(reach + 1) if causal else range(-reach, reach + 1)
 
@@ -83,14 +85,15 @@ def lsh_attention(q, k, v, buckets, *, window: int, causal: bool) -> torch.Tenso
         in_window = (distance >= 0) & (distance < window) if causal else distance.abs() < window
         seen = (their_bucket == padded_bucket[..., keys]) & in_window  # in each round, [b, h, R, R, n]
         copies = seen.sum(3).clamp_min(1).to(score_dtype)
-        visible.append(seen.diagonal(dim1=2, dim2=3).movedim(-1, 2))  # in the sorting round itself
+        visible.append(sorted_bucket == padded_sorted_bucket[..., keys])  # in the sorting round itself
         if offset == 0:
             score = torch.full_like(copies, SELF_LOGIT)
         else:
             score = (sorted_q * padded_k[..., keys, :]).sum(-1).to(score_dtype) * head_dim**-0.5
         scores.append(score - copies.log())
     row_max, weights, row_sum = exp_scores(torch.stack(scores, -1), torch.stack(visible, -1))
-    numerator = sum(weights[..., slot, None] * padded_v[..., at_offset(offset), :] for slot, offset in enumerate(offsets))
+    numerator = sum(weights[..., slot, None] * padded_v[..., at_offset(offset), :]
+                    for slot, offset in enumerate(offsets))
 
     def unsort(x):  # [b, h, R, n (sorted), ·] -> [b, h, R, n (positions), ·]
         return x.take_along_dim(rank.unsqueeze(-1), dim=3)

@@ -14,6 +14,8 @@ from torch import nn
 
 from fma import build_attention
 
+EMBEDDING_STD = 0.02  # GPT-2's initial scale of token embeddings
+
 
 def sinusoidal_positions(seq_len: int, dim: int, device=None) -> torch.Tensor:
     """[seq_len, dim] float32: sin on even channels, cos on odd, wavelengths 2π … 10000·2π."""
@@ -84,12 +86,14 @@ class TransformerLM(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * depth))
-        nn.init.normal_(self.embedding.weight, std=self.dim**-0.5)
+        nn.init.normal_(self.embedding.weight, std=EMBEDDING_STD)
 
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         seq_len = tokens.shape[1]
-        x = self.embedding(tokens) * math.sqrt(self.dim)  # unit scale, like the sinusoids
-        x = x + sinusoidal_positions(seq_len, self.dim, tokens.device).to(x.dtype)
+        # Positions at the token embeddings' initial scale (sinusoids have RMS 1/sqrt(2) per channel).
+        # A larger token scale would make the tied head predict "next = current" at initialisation.
+        positions = sinusoidal_positions(seq_len, self.dim, tokens.device) * (EMBEDDING_STD * math.sqrt(2))
+        x = self.embedding(tokens) + positions.to(self.embedding.weight.dtype)
         x = self.embedding_dropout(x)
         for block in self.blocks:
             x = block(x, padding_mask)

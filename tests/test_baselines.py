@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import compose_config
 from fma import ATTENTION_KINDS, ConfigurationError, build_attention
 from fma.htransformer import coverage, hierarchical_attention, hierarchical_attention_reference, num_levels
 from fma.linear import linear_attention, linear_attention_reference
 from fma.reformer import lsh_attention, lsh_attention_reference
-from tests.conftest import compose_config
 
 BASELINES = ["htransformer", "linear", "local", "reformer"]
 # Options that give each kind several blocks, chunks, buckets or levels at length 40.
@@ -167,8 +167,8 @@ def test_linear_bf16_matches_fp32(causal, key_shift):
 @pytest.mark.parametrize("n_hashes", [1, 3])
 def test_reformer_one_bucket_one_chunk_is_full_attention_without_self(causal, n_hashes):
     """One bucket and a window spanning the sequence: softmax over every visible key except the query's
-    own (which only the first causal query, seeing nothing else, keeps). With several rounds every key
-    is seen in all of them: the duplicate correction must count it once."""
+    own (which only the first causal query, seeing nothing else, keeps); several identical rounds
+    change nothing. (Rounds that differ are checked against the reference below.)"""
     n = 21
     layer = make_layer("reformer", causal, n_hashes=n_hashes, n_buckets=1, chunk_size=n)
     x = torch.randn(2, n, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

@@ -12,7 +12,13 @@ from models.lit_module import warmup_cosine
 
 CAUSAL_KINDS = sorted(ATTENTION_KINDS)
 # Small options that give every kind a multi-level structure at the test lengths.
-KIND_OPTIONS = {"fma": {"block_size": 4, "rank": 2, "max_seq_len": 64}}
+KIND_OPTIONS = {
+    "fma": {"block_size": 4, "rank": 2, "max_seq_len": 64},
+    "reformer": {"n_hashes": 4, "n_buckets": 4, "chunk_size": 8, "fresh_rotations": False},
+    "linear": {"chunk_size": 8},
+    "local": {"window": 8},
+    "htransformer": {"block_size": 4},
+}
 
 
 def tiny_lm(kind: str, causal: bool, vocab_size: int = 11, dropout: float = 0.0) -> TransformerLM:

@@ -1,0 +1,409 @@
+"""Fused Triton kernels for Fast Multipole Attention: backend "triton" of `multipole_attention`.
+
+Same function as `fma.functional.block_local_attention` (one softmax per query over its fine keys
+and the coarse summaries of every level, same masks and logit biases), without ever holding the
+gathered [blocks, S, d] key set or any n x n tensor.
+
+Forward (`_forward_kernel`), one program per (fine block of m queries, batch * head):
+  - q tile [m, d] stays in registers; online softmax (flash attention) in fp32, base-2 exponents
+    (scores are pre-multiplied by log2(e), so the stored log-sum-exp is in base 2 too);
+  - fine key tiles of BLOCK_N = min(m, 64) keys over the block's neighbourhood: blocks b-1, b
+    (causal, with the diagonal mask k <= q) or b-1, b, b+1 (bidirectional), clipped to the sequence;
+    each fine key adds its padding bias (0, or -inf at pads) when a key_padding_mask is given;
+  - coarse tiles of BLOCK_C summaries: the <= 2pL (causal) or 3pL (bidirectional) summaries the
+    block sees are gathered inside the kernel through `coarse_index` [n/m, C] (int32 rows of the
+    levels' summaries concatenated, -1 = none; built once per shape from `block_local_layout`),
+    each with its log-count bias (-inf for a summary of no real token);
+  - writes out (input dtype) and the row log-sum-exp (fp32; +inf for a row that sees no key, so
+    the backward's exp2(s - lse) is 0 there; the row's output is 0).
+
+Backward (flash attention 2: scores recomputed from the saved log-sum-exp, delta = rowsum(dO * O)
+computed in torch):
+  - `_backward_query_kernel`, one program per (query block, batch * head), walks the same tiles as
+    the forward: dQ accumulated in registers and stored once; dK~ and dV~ of the coarse summaries
+    accumulated with fp32 `tl.atomic_add` into fp32 buffers [batch, heads, sum_l (n/w_l) p, d]
+    (a summary is seen by several query blocks), cast to the input dtype afterwards;
+  - `_backward_key_kernel`, one program per (tile of BLOCK_N fine keys, batch * head), walks the
+    queries that see those keys (blocks j, j+1 causal; j-1, j, j+1 bidirectional): dK and dV in
+    registers, stored once. Chosen over atomics for the fine keys: deterministic, no fp32 buffers
+    of size n*d to zero, add into and cast, at the price of recomputing the fine scores twice.
+  Only the coarse gradients are summed with atomics, so they alone vary in the last bits between
+  runs.
+
+Supported: CUDA tensors (or anything under TRITON_INTERPRET=1), float16 / bfloat16 / float32,
+block_size m in {16, 32, 64, 128}, head_dim in {16, 32, 64, 128}. Float32 inputs use TF32 dots
+exactly when `torch.backends.cuda.matmul.allow_tf32` is on, like torch's matmuls. Set
+FMA_TRITON_POISON=1 to allocate outputs filled with NaN (a test that every element is written).
+"""
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .functional import _key_logit_bias, block_local_layout
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+
+def launch_config(block_size: int, head_dim: int) -> dict:
+    """Fixed launch parameters per (m, d); no autotuning. The loops are 2-4 tiles long, so two
+    pipeline stages suffice; 8 warps once a tile holds 128 x 128 elements."""
+    return dict(num_warps=8 if max(block_size, head_dim) >= 128 else 4, num_stages=2)
+
+
+def triton_block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, rank, causal, scale_coarse,
+                                 key_padding_mask, coarse_counts):
+    """Backend "triton": the same arguments and result as `functional.block_local_attention`.
+
+    q, k, v [batch, heads, n, d]; coarse_k[l-1], coarse_v[l-1] [batch, heads, (n / w_l) p, d];
+    key_padding_mask [batch, n] bool or None; coarse_counts per level [batch, (n / w_l) p] or None.
+    Differentiable in q, k, v and every coarse level; output in q's dtype (the others are cast to it).
+    """
+    batch, heads, n, head_dim = q.shape
+    m = block_size
+    if m not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"triton FMA backend supports block_size in {SUPPORTED_BLOCK_SIZES}, got {m}; use backend 'torch'")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"triton FMA backend supports head_dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}; use backend 'torch'")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"triton FMA backend supports dtypes {SUPPORTED_DTYPES}, got {q.dtype}; use backend 'torch'")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"triton FMA backend needs CUDA tensors (got device {q.device}); use backend 'torch'")
+
+    score_bias = _key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_counts,
+                                 torch.float32, q.device) * LOG2E  # base 2, like the kernels' scores
+    fine_bias = score_bias[:, :n].contiguous() if key_padding_mask is not None else None
+    coarse_bias = score_bias[:, n:].contiguous()
+    coarse_index = _coarse_index(n, m, rank, causal, q.device)
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    coarse = [c.to(q.dtype) for c in (*coarse_k, *coarse_v)]
+    settings = (m, causal, fine_bias, coarse_bias, coarse_index)
+    return _MultipoleAttentionFunction.apply(settings, q, k, v, *coarse)
+
+
+@functools.lru_cache(maxsize=32)
+def _coarse_index(n: int, m: int, rank: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """[n/m, C] int32: per fine block, rows into cat(level 1, ..., level L summaries) it attends to,
+    -1 for none; C = the layout's coarse slots (2pL or 3pL) padded to a power of two >= 16."""
+    key_index, allowed = block_local_layout(n, m, rank, causal, torch.device("cpu"))
+    fine_slots = (2 if causal else 3) * m
+    coarse = (key_index[:, fine_slots:] - n).masked_fill(~allowed[:, 0, fine_slots:], -1)
+    width = max(16, triton.next_power_of_2(coarse.shape[1]))
+    coarse = torch.nn.functional.pad(coarse, (0, width - coarse.shape[1]), value=-1)
+    return coarse.to(torch.int32).contiguous().to(device)
+
+
+def _empty(shape, dtype, device):
+    if os.environ.get("FMA_TRITON_POISON") == "1":
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _strides(x):
+    """(batch, head, position) strides; the feature stride must be 1."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _dot_precision(dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def _tiles(m: int, num_coarse: int):
+    """BLOCK_N (fine key tile) and BLOCK_C (coarse tile) for block size m and C coarse slots."""
+    block_c = min(num_coarse, 64)
+    return min(m, 64), block_c, num_coarse // block_c
+
+
+class _MultipoleAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, settings, q, k, v, *coarse):
+        m, causal, fine_bias, coarse_bias, coarse_index = settings
+        num_levels = len(coarse) // 2
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        coarse_k = torch.cat(coarse[:num_levels], dim=2).contiguous()
+        coarse_v = torch.cat(coarse[num_levels:], dim=2).contiguous()
+        batch, heads, n, head_dim = q.shape
+        out = _empty((batch, heads, n, head_dim), q.dtype, q.device)
+        lse = _empty((batch, heads, n), torch.float32, q.device)
+        block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
+        has_fine_bias = fine_bias is not None
+        _forward_kernel[(n // m, batch * heads)](
+            q, k, v, coarse_k, coarse_v, out, lse,
+            fine_bias if has_fine_bias else coarse_bias, coarse_bias, coarse_index,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(coarse_v), *_strides(out),
+            0 if fine_bias is None else fine_bias.stride(0), coarse_bias.stride(0),
+            heads, n, head_dim**-0.5 * LOG2E,
+            BLOCK_M=m, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles,
+            CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias, PRECISION=_dot_precision(q.dtype),
+            **launch_config(m, head_dim),
+        )
+        ctx.save_for_backward(q, k, v, coarse_k, coarse_v, out, lse, fine_bias, coarse_bias, coarse_index)
+        ctx.m, ctx.causal = m, causal
+        ctx.level_sizes = [c.shape[2] for c in coarse[:num_levels]]
+        ctx.coarse_dtypes = [c.dtype for c in coarse]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, coarse_k, coarse_v, out, lse, fine_bias, coarse_bias, coarse_index = ctx.saved_tensors
+        m, causal = ctx.m, ctx.causal
+        batch, heads, n, head_dim = q.shape
+        grad_out = _last_dim_contiguous(grad_out.to(q.dtype))
+        delta = (grad_out.float() * out.float()).sum(-1)  # [batch, heads, n], contiguous
+        dq = _empty(q.shape, q.dtype, q.device)
+        dk = _empty(k.shape, k.dtype, k.device)
+        dv = _empty(v.shape, v.dtype, v.device)
+        dck = torch.zeros(coarse_k.shape, dtype=torch.float32, device=q.device)  # atomics add into these
+        dcv = torch.zeros(coarse_v.shape, dtype=torch.float32, device=q.device)
+        block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
+        has_fine_bias = fine_bias is not None
+        fine_bias_arg = fine_bias if has_fine_bias else coarse_bias  # never read without HAS_FINE_BIAS
+        fine_bias_stride = 0 if fine_bias is None else fine_bias.stride(0)
+        common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias,
+                      PRECISION=_dot_precision(q.dtype), **launch_config(m, head_dim))
+        _backward_query_kernel[(n // m, batch * heads)](
+            q, k, v, coarse_k, coarse_v, grad_out, lse, delta, dq, dck, dcv,
+            fine_bias_arg, coarse_bias, coarse_index,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(grad_out), *_strides(dq),
+            fine_bias_stride, coarse_bias.stride(0),
+            heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
+            BLOCK_M=m, BLOCK_N=block_n, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles, **common,
+        )
+        _backward_key_kernel[(n // block_n, batch * heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, fine_bias_arg,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            fine_bias_stride, heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
+            BLOCK_M=m, BLOCK_N=block_n, **common,
+        )
+        num_levels = len(ctx.level_sizes)
+        grads = [*dck.split(ctx.level_sizes, dim=2), *dcv.split(ctx.level_sizes, dim=2)]
+        grads = [g.to(dtype) for g, dtype in zip(grads, ctx.coarse_dtypes)]
+        assert len(grads) == 2 * num_levels
+        return None, dq, dk, dv, *grads
+
+
+# Kernels ------------------------------------------------------------------------------------------
+# Scores are kept in base 2: s2 = (q . k) * scale * log2(e) + bias * log2(e), softmax via exp2.
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores s [M, N] (-inf = not seen) and its values v [N, D] in."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, CK, CV, O, LSE, FINE_BIAS, COARSE_BIAS, COARSE_INDEX,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    sck_b, sck_h, sck_n, scv_b, scv_h, scv_n, so_b, so_h, so_n,
+    sfb_b, scb_b,
+    H, N, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_C: tl.constexpr, NUM_C_TILES: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_FINE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Fine keys: blocks b-1 .. b (causal) or b-1 .. b+1, clipped to [0, N).
+    lo = tl.maximum(block - 1, 0) * BLOCK_M
+    if CAUSAL:
+        hi = (block + 1) * BLOCK_M
+    else:
+        hi = tl.minimum((block + 2) * BLOCK_M, N)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = tl.load(K + offs_n[:, None] * sk_n + offs_d[None, :])
+        v = tl.load(V + offs_n[:, None] * sv_n + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_FINE_BIAS:
+            s += tl.load(FINE_BIAS + b * sfb_b + offs_n)[None, :]
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+
+    # Coarse summaries, gathered through the block's index row.
+    CK += b * sck_b + h * sck_h
+    CV += b * scv_b + h * scv_h
+    for t in range(NUM_C_TILES):
+        offs_c = t * BLOCK_C + tl.arange(0, BLOCK_C)
+        index = tl.load(COARSE_INDEX + block * (NUM_C_TILES * BLOCK_C) + offs_c)
+        valid = index >= 0
+        index = tl.where(valid, index, 0)
+        ck = tl.load(CK + index[:, None] * sck_n + offs_d[None, :], mask=valid[:, None], other=0.0)
+        cv = tl.load(CV + index[:, None] * scv_n + offs_d[None, :], mask=valid[:, None], other=0.0)
+        bias = tl.load(COARSE_BIAS + b * scb_b + index, mask=valid, other=float("-inf"))
+        s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale + bias[None, :]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, cv, m_i, l_i, acc, PRECISION)
+
+    seen = l_i > 0  # a row that sees no key: output 0, lse +inf (so exp2(s - lse) = 0 backward)
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], out.to(O.dtype.element_ty))
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse)
+
+
+@triton.jit
+def _backward_query_kernel(
+    Q, K, V, CK, CV, DO, LSE, DELTA, DQ, DCK, DCV, FINE_BIAS, COARSE_BIAS, COARSE_INDEX,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    sck_b, sck_h, sck_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n,
+    sfb_b, scb_b,
+    H, N, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_C: tl.constexpr, NUM_C_TILES: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_FINE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ for one query block, and its contributions to dK~, dV~ of the summaries it sees."""
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
+    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m)
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    lo = tl.maximum(block - 1, 0) * BLOCK_M
+    if CAUSAL:
+        hi = (block + 1) * BLOCK_M
+    else:
+        hi = tl.minimum((block + 2) * BLOCK_M, N)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = tl.load(K + offs_n[:, None] * sk_n + offs_d[None, :])
+        v = tl.load(V + offs_n[:, None] * sv_n + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_FINE_BIAS:
+            s += tl.load(FINE_BIAS + b * sfb_b + offs_n)[None, :]
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    # Coarse: dQ as above; dK~ = dS^T Q * scale and dV~ = P^T dO summed over query blocks by atomics.
+    # A block's index row holds each summary at most once, so no two lanes of one add collide.
+    # coarse_k, coarse_v and the fp32 buffers DCK, DCV are contiguous tensors of one shape.
+    coarse_offset = b * sck_b + h * sck_h
+    CK += coarse_offset
+    CV += coarse_offset
+    DCK += coarse_offset
+    DCV += coarse_offset
+    for t in range(NUM_C_TILES):
+        offs_c = t * BLOCK_C + tl.arange(0, BLOCK_C)
+        index = tl.load(COARSE_INDEX + block * (NUM_C_TILES * BLOCK_C) + offs_c)
+        valid = index >= 0
+        index = tl.where(valid, index, 0)
+        ck = tl.load(CK + index[:, None] * sck_n + offs_d[None, :], mask=valid[:, None], other=0.0)
+        cv = tl.load(CV + index[:, None] * sck_n + offs_d[None, :], mask=valid[:, None], other=0.0)
+        bias = tl.load(COARSE_BIAS + b * scb_b + index, mask=valid, other=float("-inf"))
+        s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale + bias[None, :]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(cv), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(ck.dtype), ck, input_precision=PRECISION)
+        dck = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
+        dcv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        grad_offsets = index[:, None] * sck_n + offs_d[None, :]
+        tl.atomic_add(DCK + grad_offsets, dck, mask=valid[:, None], sem="relaxed")
+        tl.atomic_add(DCV + grad_offsets, dcv, mask=valid[:, None], sem="relaxed")
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :], dq.to(DQ.dtype.element_ty))
+
+
+@triton.jit
+def _backward_key_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, FINE_BIAS,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
+    sfb_b, H, N, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_FINE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV for one tile of BLOCK_N fine keys, from every query that sees them."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    key_start = tile * BLOCK_N
+    key_block = key_start // BLOCK_M
+    offs_n = key_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :])
+    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :])
+    if HAS_FINE_BIAS:
+        key_bias = tl.load(FINE_BIAS + b * sfb_b + offs_n)
+    else:
+        key_bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    Q += b * sq_b + h * sq_h
+    DO += b * sdo_b + h * sdo_h
+    LSE += bh.to(tl.int64) * N
+    DELTA += bh.to(tl.int64) * N
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Queries of blocks j, j+1 (causal; in block j only those at or after the tile) or j-1 .. j+1.
+    if CAUSAL:
+        lo = key_start
+    else:
+        lo = tl.maximum(key_block - 1, 0) * BLOCK_M
+    hi = tl.minimum((key_block + 2) * BLOCK_M, N)
+    for start in range(lo, hi, BLOCK_N):
+        offs_q = start + tl.arange(0, BLOCK_N)
+        q = tl.load(Q + offs_q[:, None] * sq_n + offs_d[None, :])
+        do = tl.load(DO + offs_q[:, None] * sdo_n + offs_d[None, :])
+        lse = tl.load(LSE + offs_q)
+        delta = tl.load(DELTA + offs_q)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + key_bias[:, None]  # [keys, queries]
+        if CAUSAL:
+            s_t = tl.where(offs_n[:, None] <= offs_q[None, :], s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :], dk.to(DK.dtype.element_ty))
+    tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty))

@@ -1,0 +1,96 @@
+"""Forward+backward time and peak memory of one attention layer per kind, across sequence lengths.
+
+One layer = the kind's module from `fma.build_attention`, projections and FMA's downsampling
+included, bf16, tokens per batch fixed (batch = tokens / seq_len), so every row does the same
+amount of token work and differs only in how attention scales with length.
+
+    python scripts/bench_attention.py --out benchmarks/attention
+    python scripts/bench_attention.py --kinds full fma --lengths 1024 65536
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import fma
+from benchlib import VARIANTS, environment, markdown_table, measure, plot_against_length, variant_options, write_reports
+
+def layer_step(kind: str, options: dict, seq_len: int, batch: int, dim: int, heads: int, causal: bool):
+    """A closure running one forward+backward of a fresh layer on fresh random bf16 input."""
+    layer = fma.build_attention(kind, dim=dim, num_heads=heads, causal=causal, **variant_options(kind, options, seq_len))
+    layer = layer.to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(batch, seq_len, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(grad)
+
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--lengths", nargs="+", type=int, default=[2**k for k in range(10, 18)])
+    parser.add_argument("--tokens", type=int, default=131072, help="tokens per batch (batch = tokens / length)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--bidirectional", action="store_true")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/attention"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention.py needs a CUDA GPU")
+    env = environment()
+    rows = []
+    for seq_len in args.lengths:
+        batch = max(1, args.tokens // seq_len)
+        for label in args.variants:
+            kind, options = VARIANTS[label]
+            try:
+                step = layer_step(kind, options, seq_len, batch, args.dim, args.heads, not args.bidirectional)
+                result = measure(step, repeats=args.repeats)
+            except torch.OutOfMemoryError:
+                result = {"error": "OOM"}
+            row = {"variant": label, "kind": kind, "options": repr(options), "seq_len": seq_len, "batch": batch,
+                   "ms": result.get("ms"), "peak_gib": result.get("peak_gib"), "error": result.get("error", "")}
+            rows.append(row)
+            shown = f"{row['ms']:.2f} ms, {row['peak_gib']:.2f} GiB" if row["ms"] else row["error"]
+            print(f"{seq_len:>7} x{batch:<4} {label:<16} {shown}", flush=True)
+
+    name = "causal" if not args.bidirectional else "bidirectional"
+    env["setting"] = (f"{name}, bf16, {args.heads} heads, head dim {args.dim // args.heads}, {args.tokens} tokens "
+                      f"per batch, fwd+bwd of one layer incl. projections, median of {args.repeats} CUDA-event timings")
+    lengths = sorted({row["seq_len"] for row in rows})
+    header = ["variant"] + [f"{n // 1024}K" for n in lengths]
+
+    def cell(label, n, key, fmt):
+        row = next(r for r in rows if r["variant"] == label and r["seq_len"] == n)
+        return fmt.format(row[key]) if row[key] is not None else row["error"]
+
+    table = "### time (ms, fwd+bwd)\n\n" + markdown_table(
+        header, [[label] + [cell(label, n, "ms", "{:.2f}") for n in lengths] for label in args.variants])
+    table += "\n\n### peak memory (GiB)\n\n" + markdown_table(
+        header, [[label] + [cell(label, n, "peak_gib", "{:.2f}") for n in lengths] for label in args.variants])
+    full = next((v for v in args.variants if VARIANTS[v][0] == "full"), None)
+    if full:
+        speedups = []
+        for label in args.variants:
+            if label != full:
+                speedups.append([label] + [
+                    "{:.1f}x".format(f["ms"] / r["ms"]) if f["ms"] and r["ms"] else "-"
+                    for n in lengths
+                    for f, r in [(next(x for x in rows if x["variant"] == full and x["seq_len"] == n),
+                                  next(x for x in rows if x["variant"] == label and x["seq_len"] == n))]])
+        table += f"\n\n### speed-up over {full}\n\n" + markdown_table(header, speedups)
+    write_reports(args.out, f"attention_{name}", rows, env, table)
+    plot_against_length(args.out / f"attention_{name}.png", rows, "variant",
+                        [("ms", "fwd+bwd time (ms)"), ("peak_gib", "peak memory (GiB)")])
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

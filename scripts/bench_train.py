@@ -1,0 +1,103 @@
+"""Training throughput and peak memory of the whole model per attention kind, across lengths.
+
+A 6-layer, d_model 512, 8-head byte-level model (the paper's size), bf16 autocast with fp32
+weights and fused AdamW, tokens per optimizer step fixed (batch = tokens / seq_len). Times whole
+steps (forward, backward, optimizer) with CUDA events; reports tokens/s, peak memory, and the
+model FLOPs utilisation of `full` (6 N per token for the weights + 6 L n d per token for causal
+attention scores and values, over the H200's dense bf16 peak of 989 TFLOP/s).
+
+    python scripts/bench_train.py --out benchmarks/train
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchlib import VARIANTS, environment, markdown_table, measure, plot_against_length, variant_options, write_reports
+from models import TransformerLM
+
+PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet
+
+
+def train_step(kind, options, seq_len, batch, depth, dim, heads, vocab_size=256):
+    """A closure running one optimizer step of a fresh model on fresh random tokens; and the
+    model's non-embedding parameter count."""
+    model = TransformerLM(vocab_size=vocab_size, causal=True, dim=dim, depth=depth, num_heads=heads, dropout=0.0,
+                          attention={"name": kind, **variant_options(kind, options, seq_len)}).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(vocab_size, (batch, seq_len + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    non_embedding = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embedding"))
+    return step, non_embedding
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per optimizer step")
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/train"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train.py needs a CUDA GPU")
+    env = environment()
+    env["setting"] = (f"{args.depth} layers, d_model {args.dim}, {args.heads} heads, vocab 256, bf16 autocast, "
+                      f"fused AdamW, {args.tokens} tokens per step, median of {args.repeats} steps")
+    rows = []
+    for seq_len in args.lengths:
+        batch = max(1, args.tokens // seq_len)
+        for label in args.variants:
+            kind, options = VARIANTS[label]
+            try:
+                step, params = train_step(kind, options, seq_len, batch, args.depth, args.dim, args.heads)
+                result = measure(step, repeats=args.repeats)
+            except torch.OutOfMemoryError:
+                result, params = {"error": "OOM"}, None
+            tokens = batch * seq_len
+            row = {"variant": label, "kind": kind, "seq_len": seq_len, "batch": batch, "ms": result.get("ms"),
+                   "tokens_per_s": tokens / result["ms"] * 1e3 if result.get("ms") else None,
+                   "peak_gib": result.get("peak_gib"), "error": result.get("error", ""), "mfu": None}
+            if kind == "full" and row["ms"]:
+                flops = 6 * params * tokens + 6 * args.depth * seq_len * args.dim * tokens
+                row["mfu"] = flops / (row["ms"] / 1e3) / (PEAK_BF16_TFLOPS * 1e12)
+            rows.append(row)
+            shown = f"{row['tokens_per_s']:,.0f} tok/s, {row['peak_gib']:.2f} GiB" if row["ms"] else row["error"]
+            print(f"{seq_len:>7} x{batch:<4} {label:<16} {shown}", flush=True)
+
+    lengths = sorted({row["seq_len"] for row in rows})
+    header = ["variant"] + [f"{n // 1024}K" for n in lengths]
+
+    def cell(label, n, key, fmt):
+        row = next(r for r in rows if r["variant"] == label and r["seq_len"] == n)
+        return fmt.format(row[key]) if row[key] is not None else row["error"]
+
+    table = "### tokens/s\n\n" + markdown_table(
+        header, [[v] + [cell(v, n, "tokens_per_s", "{:,.0f}") for n in lengths] for v in args.variants])
+    table += "\n\n### peak memory (GiB)\n\n" + markdown_table(
+        header, [[v] + [cell(v, n, "peak_gib", "{:.2f}") for n in lengths] for v in args.variants])
+    full = [r for r in rows if r["mfu"] is not None]
+    if full:
+        table += "\n\n### model FLOPs utilisation of full attention\n\n" + markdown_table(
+            ["seq_len", "MFU"], [[r["seq_len"], f"{100 * r['mfu']:.1f}%"] for r in full])
+    write_reports(args.out, "train_throughput", rows, env, table)
+    plot_against_length(args.out / "train_throughput.png", rows, "variant",
+                        [("tokens_per_s", "training tokens/s"), ("peak_gib", "peak memory (GiB)")])
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""What the benchmark scripts share: timing, OOM-tolerant runs, provenance and report files."""
+
+import csv
+import datetime
+import json
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+# Each comparison row: a label, the registry name and its options (the kind's defaults otherwise).
+VARIANTS = {
+    "full (flash)": ("full", {"backend": "flash"}),
+    "fma m=64 p=2": ("fma", {"block_size": 64, "rank": 2}),
+    "fma m=32 p=2": ("fma", {"block_size": 32, "rank": 2}),
+    "local w=128": ("local", {"window": 128}),
+    "linear": ("linear", {}),
+    "htransformer": ("htransformer", {}),
+    "reformer": ("reformer", {}),
+}
+
+
+def variant_options(kind: str, options: dict, seq_len: int) -> dict:
+    """Options for one length: FMA's learned basis must cover it."""
+    return {**options, "max_seq_len": seq_len} if kind == "fma" else dict(options)
+
+
+def environment() -> dict:
+    """Hardware, software, date and the exact command: every reported number carries these."""
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'unknown'})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    }
+
+
+def cuda_median_ms(step, *, warmup: int = 3, repeats: int = 10) -> float:
+    """Median over `repeats` CUDA-event timings of `step()`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(step, *, warmup: int = 3, repeats: int = 10) -> dict:
+    """{"ms", "peak_gib"} of `step`, or {"error": "OOM" | message} if it fails; never raises."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        ms = cuda_median_ms(step, warmup=warmup, repeats=repeats)
+        return {"ms": ms, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    except torch.OutOfMemoryError:
+        return {"error": "OOM"}
+    except Exception as error:  # a kind that cannot run a shape is a result, not a crash
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+    finally:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def write_reports(out_dir: Path, name: str, rows: list[dict], env: dict, table_md: str) -> None:
+    """name.csv, name.json (rows + environment) and name.md (environment + table)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    provenance = "\n".join(f"- {key}: `{value}`" for key, value in env.items())
+    (out_dir / f"{name}.md").write_text(f"{provenance}\n\n{table_md}\n")
+
+
+def markdown_table(header: list[str], body: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def plot_against_length(path: Path, rows: list[dict], series_key: str, metrics: list[tuple[str, str]]) -> None:
+    """One log-log panel per (metric key, axis label), one line per series; failed points left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
+    for axis, (key, label) in zip(axes, metrics):
+        for series in dict.fromkeys(row[series_key] for row in rows):
+            points = [(row["seq_len"], row[key]) for row in rows if row[series_key] == series and row.get(key)]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=series)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length (tokens)")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
