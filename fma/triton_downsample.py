@@ -54,6 +54,8 @@ from .functional import level_widths
 
 # Debugging aid for tests: fill freshly allocated outputs with NaN so that an unwritten element shows.
 POISON_OUTPUTS = False
+# The last compiled kernel of each kind (for inspecting registers, spills and the IR).
+LAST_COMPILED: dict = {}
 # Tests may force the forward chunk (in-cell offsets per program; a multiple of m dividing n / 4).
 FORWARD_CHUNK: int | None = None
 
@@ -324,7 +326,7 @@ def _forward(x, w_cat, b_cat, scale, layout: Layout, avg: bool):
     out = _empty((B, H, T, d), x.dtype, x.device)
     scratch = torch.zeros((BH, T - coarse_off, d), dtype=torch.float32, device=x.device)
     dummy = scratch
-    _forward_kernel[(top // chunk, c_groups, e_groups)](
+    LAST_COMPILED["forward"] = _forward_kernel[(top // chunk, c_groups, e_groups)](
         x, w_cat if w_cat is not None else dummy, b_cat if b_cat is not None else dummy,
         scale if scale is not None else dummy, out, scratch,
         H, BH, *x.stride(), d, m, num_levels, top, ntop, 2 * n // m, T, chunk, coarse_off, T - coarse_off,
@@ -357,7 +359,7 @@ def _grad_input(g, w_cat, layout: Layout, avg: bool, shape, dtype):
     BD = min(BWD_BD, triton.next_power_of_2(d))
     dx = _empty(shape, dtype, g.device)
     grid = (layout.top // BT, triton.cdiv(d, BD), triton.cdiv(BH * ntop, E))
-    _grad_input_kernel[grid](
+    LAST_COMPILED["grad_input"] = _grad_input_kernel[grid](
         g, w_cat if w_cat is not None else g, dx,
         BH, n, d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m, layout.total,
         P=p, E=E, BT=BT, BD=BD, AVG=avg, num_warps=BWD_WARPS,
@@ -378,7 +380,7 @@ def _grad_weight(x, g, layout: Layout):
     per_split = triton.cdiv(pairs, splits)
     splits = triton.cdiv(pairs, per_split)
     dw = torch.zeros(p * d * sum(layout.widths), dtype=torch.float32, device=x.device)
-    _grad_weight_kernel[(layout.top // BT, triton.cdiv(d, BD), splits)](
+    LAST_COMPILED["grad_weight"] = _grad_weight_kernel[(layout.top // BT, triton.cdiv(d, BD), splits)](
         x, g, dw, H, BH, *x.stride(), d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m,
         layout.total, per_split, P=p, LP=LP, BT=BT, BD=BD, num_warps=DW_WARPS,
     )
