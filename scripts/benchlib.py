@@ -3,6 +3,7 @@
 import csv
 import datetime
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -28,10 +29,19 @@ def variant_options(kind: str, options: dict, seq_len: int) -> dict:
     return {**options, "max_seq_len": seq_len} if kind == "fma" else dict(options)
 
 
+def cpu_name() -> str:
+    """The CPU model and core count (Linux /proc/cpuinfo; platform's guess elsewhere)."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def environment() -> dict:
     """Hardware, software, date and the exact command: every reported number carries these."""
     return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'unknown'})",
+        "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
@@ -97,10 +107,12 @@ def plot_against_length(path: Path, rows: list[dict], series_key: str, metrics: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    axes = axes[0]
     for axis, (key, label) in zip(axes, metrics):
         for series in dict.fromkeys(row[series_key] for row in rows):
-            points = [(row["seq_len"], row[key]) for row in rows if row[series_key] == series and row.get(key)]
+            points = [(row["seq_len"], row[key]) for row in rows
+                      if row[series_key] == series and row.get(key) is not None]
             if points:
                 axis.plot(*zip(*points), marker="o", label=series)
         axis.set_xscale("log", base=2)

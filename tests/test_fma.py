@@ -243,7 +243,7 @@ def test_learned_summaries_start_as_segment_means(kind):
         (dict(block_size=4, rank=8), "model.attention.rank="),
         (dict(block_size=4, rank=3, downsample="avgpool"), "model.attention.rank="),
         (dict(downsample="wavelet"), "model.attention.downsample="),
-        (dict(backend="triton"), "model.attention.backend="),
+        (dict(backend="tvm"), "model.attention.backend="),
         (dict(max_seq_len=0), "model.attention.max_seq_len="),
     ],
 )

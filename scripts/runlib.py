@@ -1,0 +1,791 @@
+"""The runner the comparison scripts share: plan points, run each as its own train.py, resume, report.
+
+A *point* is one `train.py` run: one attention setting (a *series*, e.g. `fma m=64 p=2`), one
+sequence length, one seed. Every point of a sweep gets the same recipe and budget: the same
+`trainer.max_steps`, the same tokens per optimizer step (`data.batch_size` = tokens / seq_len, with
+`trainer.accumulate_grad_batches` where a micro-batch limit asks for it), the same seeds, optimizer
+and model size. Nothing is tuned per kind.
+
+Each point runs as a subprocess (`python train.py <overrides> hydra.run.dir=<out>/points/<name>`)
+with a time limit, so that running out of memory or crashing ends that point only. Its result goes
+as one line into `<out>/points.jsonl` (appended whole and fsynced); a restarted sweep skips every
+point already there (keyed by its overrides) and reruns the ones it had not finished. The reports
+(`table.md`, `table.csv`, `table.json`, `metric_vs_length.png`, `memory_vs_length.png`) are
+regenerated from the JSONL after every point.
+
+Status of a point: `ok`; `oom` (out of memory in its stderr); `timeout`; `failed` with `reason` the
+error (exit code 2: train.py's message for a mistake you can fix, e.g. seq_len longer than a split;
+otherwise the last error line of stderr). The scripts built on this module are sweep_seq_len.py
+(generic), reproduce_tables.py (the paper's tables) and long_range_diagnostic.py (synthetic tasks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from queue import Queue
+
+SCRIPTS = Path(__file__).resolve().parent
+ROOT = SCRIPTS.parent
+TRAIN = ROOT / "train.py"
+for _path in (str(ROOT), str(SCRIPTS)):  # models/ for counting parameters, benchlib for the reports
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import benchlib  # noqa: E402
+
+# Short names for attention options in --kinds specs: fma:m=64,p=2 is model.attention.block_size=64, .rank=2.
+OPTION_ALIASES = {"m": "block_size", "p": "rank", "w": "window"}
+# Keys the sweep sets itself (equal budget); --overrides may not change them.
+CONTROLLED = {"data.seq_len", "data.batch_size", "trainer.accumulate_grad_batches", "trainer.max_steps", "seed",
+              "trainer.val_check_interval", "hydra.run.dir", "hydra.sweep.dir", "model"}
+# Every point: no progress bar in the point's log files.
+QUIET = ["trainer.enable_progress_bar=false", "~callbacks.progress_bar"]
+METRIC_LABELS = {"bpc": "test bits per character", "ppl": "test perplexity", "acc": "test accuracy (scored tokens)"}
+SKIP_THROUGHPUT_STEPS = 3  # tokens/s: median over the logged steps after the first few (warm-up, compilation)
+
+
+class UsageError(Exception):
+    """A mistake on the script's command line: printed as one message, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass(frozen=True)
+class Series:
+    """One attention setting: `model=<kind>` plus options, e.g. label 'fma m=64 p=2'."""
+
+    label: str
+    kind: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def overrides(self) -> list[str]:
+        return [f"model={self.kind}"] + [f"model.attention.{key}={value}" for key, value in self.options]
+
+
+def available_kinds() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def parse_kind(spec: str) -> Series:
+    """'fma:m=64,p=2' -> Series('fma m=64 p=2', 'fma', (('block_size', '64'), ('rank', '2'))).
+
+    Option names are model.attention keys of that kind; m, p and w stand for block_size, rank, window.
+    """
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip()
+    if kind not in available_kinds():
+        raise UsageError(f"Unknown attention kind {kind!r} in --kinds {spec!r}; known kinds: "
+                         f"{', '.join(available_kinds())} (one file per kind in configs/model/).")
+    options, shown = [], []
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        name, equals, value = item.partition("=")
+        if not equals or not name.strip() or not value.strip():
+            raise UsageError(f"--kinds {spec!r}: write options as name=value, e.g. fma:m=64,p=2.")
+        options.append((OPTION_ALIASES.get(name.strip(), name.strip()), value.strip()))
+        shown.append(f"{name.strip()}={value.strip()}")
+    return Series(" ".join([kind, *shown]), kind, tuple(options))
+
+
+def hydra_value(value) -> str:
+    """A value for a Hydra override, quoted when it holds characters Hydra's grammar would misread."""
+    text = str(value)
+    if re.fullmatch(r"[\w./+:@~-]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def override_key(override: str) -> str:
+    """The config key an override sets: 'model.dim=32' -> 'model.dim', '~callbacks.x' -> 'callbacks.x'."""
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def merge_overrides(*groups: list[str]) -> list[str]:
+    """Concatenate, a later override of the same key replacing an earlier one (at the later position)."""
+    merged: dict[str, str] = {}
+    for group in groups:
+        for override in group:
+            merged.pop(override_key(override), None)
+            merged[override_key(override)] = override
+    return list(merged.values())
+
+
+def check_user_overrides(overrides: list[str]) -> None:
+    for override in overrides:
+        if "=" not in override and not override.startswith("~"):
+            raise UsageError(f"--overrides {override!r}: write Hydra overrides as key=value (or ~key to delete).")
+        if override_key(override) in CONTROLLED:
+            raise UsageError(
+                f"--overrides {override!r} would change what the sweep holds equal; use --kinds, --lengths, "
+                f"--budget-steps, --tokens-per-step, --micro-batch-tokens, --val-every or --seeds instead.")
+
+
+@dataclasses.dataclass
+class Budget:
+    """The same for every point: optimizer steps, tokens per step, validation interval, seeds."""
+
+    steps: int
+    tokens_per_step: int
+    micro_batch_tokens: int | None = None  # most tokens in one forward pass; more per step: gradient accumulation
+    val_every: int | None = None           # optimizer steps between validations; None: steps / 4 (or steps)
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        for name in ("steps", "tokens_per_step"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer.")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise UsageError("--micro-batch-tokens must be a positive integer.")
+        if self.val_every is None:
+            self.val_every = self.steps // 4 if self.steps % 4 == 0 else self.steps
+        if not 1 <= self.val_every <= self.steps:
+            raise UsageError(f"--val-every must lie in 1..{self.steps} (--budget-steps).")
+        if not self.seeds:
+            raise UsageError("--seeds needs at least one seed.")
+
+    def shape(self, seq_len: int) -> tuple[int, int]:
+        """(data.batch_size, trainer.accumulate_grad_batches) giving exactly tokens_per_step tokens per step."""
+        if seq_len < 1:
+            raise UsageError(f"--lengths: {seq_len} is not a positive length.")
+        if self.tokens_per_step % seq_len:
+            raise UsageError(
+                f"--tokens-per-step {self.tokens_per_step} is not a multiple of the length {seq_len}: every length "
+                f"must train on the same tokens per step. Use a multiple of every length (e.g. a power of two at "
+                f"least as large as the longest).")
+        sequences = self.tokens_per_step // seq_len
+        limit = max(1, (self.micro_batch_tokens or self.tokens_per_step) // seq_len)
+        batch = max(d for d in range(1, min(sequences, limit) + 1) if sequences % d == 0)
+        return batch, sequences // batch
+
+    def describe(self) -> str:
+        text = (f"{self.steps:,} steps x {self.tokens_per_step:,} tokens/step = {self.steps * self.tokens_per_step:,} "
+                f"training tokens per point; validation every {self.val_every} steps, test with the best "
+                f"checkpoint by validation loss; seeds {' '.join(map(str, self.seeds))}")
+        if self.micro_batch_tokens:
+            text += f"; at most {self.micro_batch_tokens:,} tokens per micro-batch (gradient accumulation above)"
+        return text
+
+
+@dataclasses.dataclass
+class Point:
+    series: Series
+    seq_len: int
+    seed: int
+    batch_size: int
+    accumulate: int
+    overrides: list[str]
+
+    @property
+    def key(self) -> str:
+        """What identifies a point across restarts: its exact overrides (the run folder excluded)."""
+        return json.dumps(self.overrides)
+
+    @property
+    def name(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", self.series.label.replace("=", "")).strip("-")
+        digest = hashlib.sha1(self.key.encode()).hexdigest()[:8]
+        return f"{slug}_n{self.seq_len}_s{self.seed}_{digest}"
+
+    def command(self, run_dir: Path) -> list[str]:
+        return [sys.executable, str(TRAIN), *self.overrides, f"hydra.run.dir={hydra_value(run_dir)}"]
+
+
+def plan_points(series: list[Series], lengths: list[int], budget: Budget, overrides: list[str]) -> list[Point]:
+    """Every (series, length, seed) point, lengths outermost so that a partial sweep covers short ones first."""
+    points = []
+    for seq_len in lengths:
+        batch, accumulate = budget.shape(seq_len)
+        for seed in budget.seeds:
+            for one in series:
+                shape = [f"data.seq_len={seq_len}", f"data.batch_size={batch}",
+                         f"trainer.accumulate_grad_batches={accumulate}", f"trainer.max_steps={budget.steps}",
+                         # validation counts training batches, the last checkpoint optimizer steps
+                         f"trainer.val_check_interval={budget.val_every * accumulate}",
+                         f"callbacks.last_checkpoint.every_n_train_steps={budget.val_every}",
+                         f"trainer.log_every_n_steps={max(1, min(10, budget.steps // 20))}", f"seed={seed}"]
+                points.append(Point(one, seq_len, seed, batch, accumulate,
+                                    merge_overrides(one.overrides(), shape, QUIET, overrides)))
+    return points
+
+
+# ------------------------------------------------------------------------------------- running a point
+
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _end_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a point's process group (the point only: it was started in its own session)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stop_all_points() -> None:
+    _STOPPING.set()
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for process in running:
+        _end_group(process)
+
+
+def failure_reason(stderr: str, returncode: int) -> str:
+    """One line saying why a point failed: train.py's message (exit 2) or the last error line."""
+    if returncode == 2:
+        match = re.search(r"^error: (.*?)(?:\n\s*\n|\Z)", stderr, re.S | re.M)
+        if match:
+            return "config error (exit 2): " + " ".join(match.group(1).split())
+    noise = ("Set the environment variable HYDRA_FULL_ERROR", "Available options", "Config search path",
+             "provider=", "INFO", "WARNING", "warnings.warn", "Traceback")
+    lines = [line.strip() for line in stderr.splitlines()
+             if line.strip() and not line.startswith((" ", "\t")) and not line.strip().startswith(noise)]
+    exceptions = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
+    text = (exceptions or [line for line in lines if re.search(r"error|could not|cannot", line, re.I)] or lines
+            or [f"exit code {returncode}, nothing on stderr"])[-1]
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        text = f"killed by signal {name}" + (" (possibly the host's out-of-memory killer)"
+                                              if -returncode == signal.SIGKILL else "") + f"; {text}"
+    return text[:500]
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """Final val/* and test/* values, median tokens/s after the first steps, peak memory, steps trained."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    result: dict = {}
+    for row in rows:  # the last logged value of each evaluation metric
+        for key, value in row.items():
+            if key and key.startswith(("val/", "test/")) and value not in ("", None):
+                result[key] = float(value)
+
+    def logged(key):
+        return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in ("", None)]
+
+    throughput = [value for _, value in sorted(logged("train/tokens_per_s"))]
+    if throughput:
+        result["tokens_per_s"] = statistics.median(throughput[min(SKIP_THROUGHPUT_STEPS, len(throughput) // 2):])
+    memory = [value for _, value in logged("train/peak_mem_gib")]
+    if memory:
+        result["peak_mem_gib"] = max(memory)
+    losses = logged("train/loss")
+    if losses:
+        result["steps_trained"] = max(step for step, _ in losses) + 1
+    return result
+
+
+def count_parameters(run_dir: Path) -> tuple[int | None, str]:
+    """(parameters, source): the point's model rebuilt on CPU from its checkpoint's resolved config and
+    checked against the checkpoint's shapes; else the rounded figure of train.py's log line."""
+    try:
+        import hydra
+        import torch
+
+        checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True,
+                                mmap=True)
+        config, state = checkpoint["hyper_parameters"]["config"], checkpoint["state_dict"]
+        vocab_size = state["net.embedding.weight"].shape[0] - 1  # one extra row: the mask token
+        causal = hydra.utils.instantiate(config["objective"]).causal
+        with torch.device("meta"):
+            net = hydra.utils.instantiate(config["model"], vocab_size=vocab_size, causal=causal, _convert_="all")
+        shapes = {f"net.{name}": tuple(p.shape) for name, p in net.named_parameters()}
+        if all(tuple(state[name].shape) == shape for name, shape in shapes.items() if name in state) and \
+                shapes.keys() <= state.keys():
+            return sum(p.numel() for p in net.parameters()), "model rebuilt from the checkpoint"
+    except Exception:  # noqa: BLE001 - fall back to the log line
+        pass
+    log = run_dir / "train.log"
+    match = re.search(r"model: \S+ attention, ([\d.]+)M parameters", log.read_text(errors="replace")) \
+        if log.exists() else None
+    if match:
+        return round(float(match.group(1)) * 1e6), "train.log (rounded to 10K)"
+    return None, "unknown"
+
+
+def run_point(point: Point, out_dir: Path, timeout_s: float | None, gpu: str | None = None) -> dict | None:
+    """Run one point to its end; its record, or None when the sweep is being stopped."""
+    run_dir = out_dir / "points" / point.name
+    if run_dir.exists():  # an unfinished attempt of an interrupted sweep: start the point afresh
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    command = point.command(run_dir)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    started, status, returncode = time.time(), None, None
+    with open(run_dir / "stdout.log", "w") as stdout, open(run_dir / "stderr.log", "w") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
+                                   start_new_session=True)
+        with _RUNNING_LOCK:
+            _RUNNING.add(process)
+        try:
+            returncode = process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            _end_group(process)
+            status = "timeout"
+        except BaseException:
+            _end_group(process)
+            raise
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(process)
+    if _STOPPING.is_set():
+        return None
+    wall_s = time.time() - started
+    error_text = (run_dir / "stderr.log").read_text(errors="replace")
+    metrics = read_metrics(run_dir) if returncode == 0 else {}
+    reason = ""
+    if status == "timeout":
+        reason = f"stopped after the --timeout of {timeout_s:g} s"
+    elif returncode != 0 and re.search(r"out of memory|OutOfMemoryError|can't allocate memory", error_text, re.I):
+        status, reason = "oom", failure_reason(error_text, returncode)
+    elif returncode != 0:
+        status, reason = "failed", failure_reason(error_text, returncode)
+    elif not any(key.startswith("test/") for key in metrics):
+        status, reason = "failed", "train.py ended without test/* metrics in csv/metrics.csv"
+    else:
+        status = "ok"
+    params, params_source = count_parameters(run_dir) if status == "ok" else (None, "")
+    relative = run_dir.relative_to(out_dir)
+    return {
+        "key": point.key, "label": point.series.label, "kind": point.series.kind, "seq_len": point.seq_len,
+        "seed": point.seed, "batch_size": point.batch_size, "accumulate": point.accumulate,
+        "status": status, "reason": reason, "returncode": returncode, **metrics,
+        "params": params, "params_source": params_source, "wall_s": round(wall_s, 2),
+        "run_dir": str(relative),
+        "config": str(relative / ".hydra" / "config.yaml") if (run_dir / ".hydra" / "config.yaml").exists() else "",
+        "overrides": point.overrides, "command": shlex.join(command),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# ----------------------------------------------------------------------------------------- the results
+
+
+def append_record(jsonl: Path, record: dict) -> None:
+    """One whole line per finished point, flushed to disk before the next point starts. A line torn by a
+    crash mid-write is ended first, so that it cannot swallow this one."""
+    line = json.dumps(record) + "\n"
+    with open(jsonl, "ab") as f:
+        if f.tell() > 0:
+            with open(jsonl, "rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                if existing.read(1) != b"\n":
+                    line = "\n" + line
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(jsonl: Path) -> dict[str, dict]:
+    """{key: record}, the last record of a key winning; a torn last line (a crash mid-write) is ignored."""
+    records = {}
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "key" in record:
+                records[record["key"]] = record
+    return records
+
+
+def primary_metric(records: list[dict], wanted: str) -> str:
+    """'bpc', 'ppl' or 'acc': `wanted`, or for 'auto' the one the data reports (bpc or ppl)."""
+    if wanted != "auto":
+        return wanted
+    for record in records:
+        for metric in ("bpc", "ppl"):
+            if f"test/{metric}" in record:
+                return metric
+    return "ppl"
+
+
+def format_count(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def format_length(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def markdown_cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def summarise(plan: list[Point], records: dict[str, dict], metric: str) -> list[dict]:
+    """One row per (series, length): mean and std over the seeds that finished ok, and their status."""
+    groups: dict[tuple[str, int], list[Point]] = {}
+    for point in plan:
+        groups.setdefault((point.series.label, point.seq_len), []).append(point)
+    rows = []
+    for (label, seq_len), points in groups.items():
+        done = [records[p.key] for p in points if p.key in records]
+        ok = [r for r in done if r["status"] == "ok" and isinstance(r.get(f"test/{metric}"), (int, float))]
+        values = [r[f"test/{metric}"] for r in ok]
+
+        def mean_of(key):
+            found = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+            return statistics.fmean(found) if found else None
+
+        rows.append({
+            "label": label, "kind": points[0].series.kind, "seq_len": seq_len,
+            "seeds_ok": len(ok), "seeds": len(points), "pending": len(points) - len(done),
+            "metric": statistics.fmean(values) if values else None,
+            "metric_std": statistics.stdev(values) if len(values) > 1 else None,
+            "val_metric": mean_of(f"val/{metric}"), "params": mean_of("params"),
+            "peak_mem_gib": mean_of("peak_mem_gib"), "tokens_per_s": mean_of("tokens_per_s"),
+            "batch": f"{points[0].batch_size} x {points[0].accumulate}",
+            "failures": [r for r in done if r["status"] != "ok"],
+            "configs": [r["config"] for r in done],
+        })
+    return rows
+
+
+def metric_format(metric: str) -> str:
+    return {"bpc": "{:.3f}", "ppl": "{:.2f}", "acc": "{:.3f}"}.get(metric, "{:.4g}")
+
+
+def summary_cell(row: dict, key: str, fmt: str, with_std: bool = False) -> str:
+    if row[key] is not None:
+        text = fmt.format(row[key])
+        if with_std and row["metric_std"] is not None:
+            text += " ± " + fmt.format(row["metric_std"])
+        if row["seeds_ok"] < row["seeds"]:
+            text += f" ({row['seeds_ok']}/{row['seeds']} seeds)"
+        return text
+    if row["failures"]:
+        first = row["failures"][0]
+        return {"oom": "OOM", "timeout": "timeout"}.get(first["status"], "failed")
+    return "pending" if row["pending"] else "–"
+
+
+def markdown_report(spec: "SweepSpec", plan: list[Point], records: dict[str, dict], metric: str) -> str:
+    rows = summarise(plan, records, metric)
+    labels = list(dict.fromkeys(p.series.label for p in plan))
+    lengths = list(dict.fromkeys(p.seq_len for p in plan))
+    header = ["attention"] + [format_length(n) for n in lengths]
+    by = {(r["label"], r["seq_len"]): r for r in rows}
+    fmt = metric_format(metric)
+
+    def wide(key, cell_fmt, with_std=False):
+        return benchlib.markdown_table(header, [[label] + [summary_cell(by[label, n], key, cell_fmt, with_std)
+                                                           for n in lengths] for label in labels])
+
+    parts = [f"## {spec.title}"]
+    if spec.stand_in:
+        parts.append(f"**STAND-IN** — {spec.stand_in}. Not the paper's data or budget; do not compare these "
+                     f"numbers with published ones.")
+    parts.append(f"Budget: {spec.budget.describe()}. Every row: the same recipe, steps, seeds and budget; "
+                 f"no kind is tuned.")
+    seeds_note = " (mean ± std over seeds)" if len(spec.budget.seeds) > 1 else ""
+    parts += [f"### {METRIC_LABELS.get(metric, metric)}{seeds_note}", wide("metric", fmt, True),
+              "### peak training memory (GiB)", wide("peak_mem_gib", "{:.2f}"),
+              "### training tokens/s", wide("tokens_per_s", "{:,.0f}"),
+              "### parameters", benchlib.markdown_table(header, [
+                  [label] + [format_count(by[label, n]["params"]) if by[label, n]["params"] else
+                             summary_cell(by[label, n], "params", "{}") for n in lengths] for label in labels])]
+    point_header = ["attention", "length", "seed", "batch x accum", f"test {metric}", f"val {metric}", "params",
+                    "peak GiB", "tokens/s", "status", "config"]
+    body = []
+    for point in plan:
+        record = records.get(point.key)
+        if record is None:
+            body.append([point.series.label, point.seq_len, point.seed, f"{point.batch_size} x {point.accumulate}",
+                         "", "", "", "", "", "pending", ""])
+            continue
+
+        def number(key, cell_fmt):
+            value = record.get(key)
+            return cell_fmt.format(value) if isinstance(value, (int, float)) else ""
+
+        status = record["status"] if record["status"] == "ok" else f"{record['status']}: {record['reason']}"
+        body.append([point.series.label, point.seq_len, point.seed, f"{point.batch_size} x {point.accumulate}",
+                     number(f"test/{metric}", fmt), number(f"val/{metric}", fmt),
+                     format_count(record.get("params")) if record.get("params") else "",
+                     number("peak_mem_gib", "{:.2f}"), number("tokens_per_s", "{:,.0f}"),
+                     markdown_cell(status[:300]), f"`{record['config']}`" if record["config"] else ""])
+    parts += ["### every point (configs relative to this folder)", benchlib.markdown_table(point_header, body)]
+    return "\n\n".join(parts)
+
+
+def plot_metric(path: Path, rows: list[dict], metric: str, title: str = "") -> None:
+    """Metric against length, one line per series, error bars over seeds; failed points left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6.5, 4.5))
+    for label in dict.fromkeys(row["label"] for row in rows):
+        points = [(r["seq_len"], r["metric"], r["metric_std"] or 0.0) for r in rows
+                  if r["label"] == label and r["metric"] is not None]
+        if points:
+            x, y, err = zip(*points)
+            axis.errorbar(x, y, yerr=err if any(err) else None, marker="o", capsize=3, label=label)
+    axis.set_xscale("log", base=2)
+    lengths = sorted({row["seq_len"] for row in rows})
+    axis.set_xticks(lengths, [format_length(n) for n in lengths])
+    axis.minorticks_off()
+    if title:
+        axis.set_title(title, fontsize=9)
+    if metric == "ppl":
+        axis.set_yscale("log")
+    if metric == "acc":
+        axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel("sequence length (tokens)")
+    axis.set_ylabel(METRIC_LABELS.get(metric, metric))
+    axis.grid(True, which="both", alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def csv_rows(plan: list[Point], records: dict[str, dict]) -> list[dict]:
+    """The finished points in plan order, flat (overrides as one string) for table.csv."""
+    rows = []
+    for point in plan:
+        if point.key in records:
+            record = {k: v for k, v in records[point.key].items() if k != "key"}
+            record["overrides"] = " ".join(record.get("overrides", []))
+            rows.append(record)
+    return rows
+
+
+def write_outputs(spec: "SweepSpec", plan: list[Point], records: dict[str, dict], env: dict) -> str:
+    """table.md/.csv/.json and the two plots from the records; returns the markdown."""
+    metric = primary_metric([records[p.key] for p in plan if p.key in records], spec.metric)
+    table = markdown_report(spec, plan, records, metric)
+    benchlib.write_reports(spec.out, "table", csv_rows(plan, records), env, table)
+    summary = summarise(plan, records, metric)
+    try:
+        plot_metric(spec.out / "metric_vs_length.png", summary, metric,
+                    ("STAND-IN: " if spec.stand_in else "") + spec.title)
+        benchlib.plot_against_length(spec.out / "memory_vs_length.png", summary, "label",
+                                     [("peak_mem_gib", "peak training memory (GiB)"),
+                                      ("tokens_per_s", "training tokens/s")])
+    except Exception as error:  # noqa: BLE001 - a plot must not end a sweep
+        print(f"warning: plotting failed ({type(error).__name__}: {error})", file=sys.stderr)
+    return (spec.out / "table.md").read_text()
+
+
+# --------------------------------------------------------------------------------------- the sweep
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    title: str
+    series: list[Series]
+    lengths: list[int]
+    budget: Budget
+    overrides: list[str]   # data, objective, model size and the user's overrides, for every point
+    out: Path
+    metric: str = "auto"   # bpc, ppl, acc or auto (whichever the data reports)
+    stand_in: str | None = None
+    notes: dict = dataclasses.field(default_factory=dict)  # extra provenance lines (data, model, ...)
+    timeout_s: float | None = None
+    retry_failed: bool = False
+    dry_run: bool = False
+    gpus: list[str] = dataclasses.field(default_factory=list)
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, *, kinds: list[str], lengths: list[int], steps: int,
+                        tokens_per_step: int, out: str | None) -> None:
+    """The options every comparison script takes (each script sets its own defaults)."""
+    parser.add_argument("--kinds", nargs="+", default=kinds, metavar="KIND[:opt=v,...]",
+                        help="attention settings, e.g. full fma:m=64,p=2 local:window=128 (m, p, w: block_size, "
+                             f"rank, window); default: {' '.join(kinds)}")
+    parser.add_argument("--lengths", nargs="+", type=int, default=lengths, help=f"sequence lengths; default: "
+                                                                                  f"{' '.join(map(str, lengths))}")
+    parser.add_argument("--budget-steps", "--steps", dest="steps", type=int, default=steps,
+                        help=f"optimizer steps per point (default {steps})")
+    parser.add_argument("--tokens-per-step", type=int, default=tokens_per_step,
+                        help=f"training tokens per optimizer step at every length (default {tokens_per_step}); "
+                             "data.batch_size = tokens / seq_len")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None,
+                        help="most tokens per forward pass; above it, trainer.accumulate_grad_batches (default: none)")
+    parser.add_argument("--val-every", type=int, default=None, help="validate every this many steps "
+                                                                    "(default: steps/4, or only at the end)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds; several give mean ± std")
+    parser.add_argument("--model-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="model size for every point, e.g. model.dim=32 model.depth=1 model.num_heads=2")
+    parser.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more Hydra overrides for every point, e.g. trainer=gpu data.vocab_size=4096")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per point before it is stopped")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed/oom/timeout")
+    parser.add_argument("--gpus", nargs="+", default=[], metavar="ID",
+                        help="run points side by side, one per listed GPU (CUDA_VISIBLE_DEVICES); default: one at "
+                             "a time on what train.py picks. Side by side shares the CPUs: for tokens/s you will "
+                             "report, run one at a time")
+    parser.add_argument("--stand-in-label", default=None, help="marks the table as a stand-in, with this text")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands of the points and stop")
+    parser.add_argument("--out", type=Path, default=Path(out) if out else None, required=out is None,
+                        help="output folder" + (f" (default {out})" if out else ""))
+
+
+DATA_GROUPS = ["synthetic", "enwik8", "wikitext103", "text"]
+
+
+def data_overrides(data: str, path: str | None) -> list[str]:
+    """data=<group> and its path made absolute (points may run from elsewhere)."""
+    if data not in DATA_GROUPS:
+        raise UsageError(f"--data {data!r}: use one of {', '.join(DATA_GROUPS)}.")
+    if path is not None and data == "synthetic":
+        raise UsageError("--data-path has no meaning for --data synthetic (generated in memory).")
+    if data == "text" and path is None:
+        raise UsageError("--data text needs --data-path /path/to/file.txt.")
+    return [f"data={data}"] + ([f"data.path={hydra_value(Path(path).expanduser().resolve())}"] if path else [])
+
+
+def budget_from(args: argparse.Namespace) -> Budget:
+    return Budget(args.steps, args.tokens_per_step, args.micro_batch_tokens, args.val_every, tuple(args.seeds))
+
+
+def spec_from(args: argparse.Namespace, *, title: str, overrides: list[str], metric: str = "auto",
+              notes: dict | None = None) -> SweepSpec:
+    """A SweepSpec from the common options; `overrides` (the script's preset) come before the user's."""
+    user = [*args.model_overrides, *args.overrides]
+    check_user_overrides(user)
+    if len(set(args.lengths)) != len(args.lengths) or len(set(args.kinds)) != len(args.kinds):
+        raise UsageError("--lengths and --kinds must not repeat a value.")
+    return SweepSpec(title=title, series=[parse_kind(spec) for spec in args.kinds], lengths=args.lengths,
+                     budget=budget_from(args), overrides=merge_overrides(overrides, user), out=args.out.resolve(),
+                     metric=metric, stand_in=args.stand_in_label, notes=notes or {}, timeout_s=args.timeout,
+                     retry_failed=args.retry_failed, dry_run=args.dry_run, gpus=list(args.gpus))
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_sweep(spec: SweepSpec) -> int:
+    """Run the points not yet recorded, recording each; write the reports; print the table last."""
+    plan = plan_points(spec.series, spec.lengths, spec.budget, spec.overrides)
+    jsonl = spec.out / "points.jsonl"
+    records = read_records(jsonl)
+    finished = {key for key, r in records.items() if r["status"] == "ok" or not spec.retry_failed}
+    todo = [p for p in plan if p.key not in finished]
+    if spec.dry_run:
+        print(f"# {len(plan)} points, {len(plan) - len(todo)} already recorded in {jsonl}; cwd: {os.getcwd()}")
+        for point in plan:
+            prefix = "# done: " if point.key in finished else ""
+            print(prefix + shlex.join(point.command(spec.out / "points" / point.name)))
+        return 0
+
+    spec.out.mkdir(parents=True, exist_ok=True)
+    lock = open(spec.out / ".sweep.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"Another sweep is writing to {spec.out}; wait for it or pick another --out.")
+    env = {"table": spec.title, **({"STAND-IN": spec.stand_in} if spec.stand_in else {}),
+           "budget": spec.budget.describe(), **spec.notes,
+           "common overrides": " ".join(spec.overrides), **benchlib.environment()}
+    other = len(set(records) - {p.key for p in plan})
+    print(f"{len(plan)} points: {len(plan) - len(todo)} already recorded in {jsonl}, {len(todo)} to run"
+          + (f" ({other} records of other settings there are left out of the table)" if other else ""), flush=True)
+
+    write_lock, counter = threading.Lock(), iter(range(1, len(todo) + 1))
+
+    def finish(point: Point, record: dict) -> None:
+        with write_lock:
+            append_record(jsonl, record)
+            records[point.key] = record
+            shown = (f"test/{m} = {record[f'test/{m}']:.4g}" for m in ("bpc", "ppl", "acc") if f"test/{m}" in record)
+            detail = ", ".join(shown) if record["status"] == "ok" else record["reason"][:200]
+            print(f"[{next(counter)}/{len(todo)}] {point.series.label}, length {point.seq_len}, seed {point.seed}: "
+                  f"{record['status']} ({detail}; {record['wall_s']:.0f} s)", flush=True)
+            write_outputs(spec, plan, records, env)
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if len(spec.gpus) <= 1:
+            for point in todo:
+                record = run_point(point, spec.out, spec.timeout_s, spec.gpus[0] if spec.gpus else None)
+                if record is None:
+                    break
+                finish(point, record)
+        else:
+            free: Queue = Queue()
+            for gpu in spec.gpus:
+                free.put(gpu)
+
+            def work(point):
+                gpu = free.get()
+                try:
+                    if _STOPPING.is_set():
+                        return
+                    record = run_point(point, spec.out, spec.timeout_s, gpu)
+                    if record is not None:
+                        finish(point, record)
+                finally:
+                    free.put(gpu)
+
+            with ThreadPoolExecutor(len(spec.gpus)) as pool:
+                futures = [pool.submit(work, point) for point in todo]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    stop_all_points()
+                    raise
+    except KeyboardInterrupt:
+        stop_all_points()
+        print(f"\ninterrupted: {len(read_records(jsonl))} points recorded in {jsonl}; run the same command again "
+              f"to finish the others.", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    table = write_outputs(spec, plan, records, env)
+    print(f"\nwrote {spec.out}/table.md, table.csv, table.json, metric_vs_length.png, memory_vs_length.png, "
+          f"points.jsonl\n")
+    print(table)
+    return 0
+
+
+def main_guard(main) -> None:
+    """Run a script's main(); a UsageError becomes one message and exit code 2."""
+    try:
+        sys.exit(main())
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
