@@ -10,6 +10,7 @@ O(n * (m + p*L)) per head and no n x n tensor ever exists.
 """
 
 import functools
+import importlib.util
 import math
 
 import torch
@@ -97,12 +98,25 @@ def block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, rank, caus
     return out.reshape(batch, heads, n, head_dim)
 
 
-BACKENDS = {
-    "torch": block_local_attention,
-    # Fused GPU kernels (fma/triton_attention.py): listed where triton is installed, imported on first call.
-    **({"triton": lambda *args, **kwargs: __import__("fma.triton_attention", fromlist=["_"]).triton_block_local_attention(*args, **kwargs)}
-       if __import__("importlib.util").util.find_spec("triton") else {}),
-}
+def _triton_backend(*args, **kwargs):
+    """The fused GPU kernels (fma/triton_attention.py), imported on first use: importing triton
+    together with the package would fix TRITON_INTERPRET for the whole process."""
+    from .triton_attention import triton_block_local_attention
+
+    return triton_block_local_attention(*args, **kwargs)
+
+
+BACKENDS = {"torch": block_local_attention, "triton": _triton_backend}
+
+
+def triton_supports(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the triton backend handles q's device, dtype and shape (what backend "auto" asks)."""
+    if not q.is_cuda or importlib.util.find_spec("triton") is None:
+        return False
+    from .triton_attention import SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+    return (block_size in SUPPORTED_BLOCK_SIZES and q.shape[-1] in SUPPORTED_HEAD_DIMS
+            and q.dtype in SUPPORTED_DTYPES and q.shape[0] * q.shape[1] <= 65535)
 
 
 def _key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_counts, dtype, device):

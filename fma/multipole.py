@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from .downsample import Downsample
 from .errors import ConfigurationError
-from .functional import BACKENDS, multipole_attention, padded_length
+from .functional import BACKENDS, multipole_attention, padded_length, triton_supports
 from .layer import AttentionLayer
 from .registry import register_attention
 
@@ -16,8 +16,8 @@ class FastMultipoleAttention(AttentionLayer):
 
     Options: block_size m (finest block), rank p (summaries per cell and level), downsample (how
     cells are summarised, separately for keys and values, see fma/downsample.py), scale_coarse
-    (a summary counts as the tokens it stands for: + log(w/p) on its logit), backend ("auto" is
-    "torch" on every device until a GPU kernel exists), max_seq_len (the longest input; learned
+    (a summary counts as the tokens it stands for: + log(w/p) on its logit), backend ("auto": the
+    fused Triton kernels on CUDA where they support the shape, the portable "torch" path otherwise), max_seq_len (the longest input; learned
     summaries have parameters per level, and the number of levels grows with length).
 
     Any length works: a sequence is padded at the end to `padded_length` (m * 2^k, at least 4m).
@@ -63,10 +63,16 @@ class FastMultipoleAttention(AttentionLayer):
                 f"Unknown FMA backend {backend!r}; use model.attention.backend= one of auto, {', '.join(BACKENDS)}."
             )
         self.block_size, self.scale_coarse, self.max_seq_len = block_size, scale_coarse, max_seq_len
-        self.backend = "torch" if backend == "auto" else backend
+        self.backend = backend
         basis = dict(head_dim=self.head_dim, block_size=block_size, rank=rank, max_seq_len=max_seq_len)
         self.key_downsample = Downsample(downsample, **basis)
         self.value_downsample = Downsample(downsample, **basis)
+
+    def resolved_backend(self, q: torch.Tensor) -> str:
+        """The backend that runs q: "auto" takes triton wherever it supports the input."""
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if triton_supports(q, self.block_size) else "torch"
 
     def attend(self, q, k, v, padding_mask):
         """q, k, v [batch, heads, n, d], padding_mask [batch, n] (True = pad) or None -> [batch, heads, n, d]."""
@@ -88,6 +94,6 @@ class FastMultipoleAttention(AttentionLayer):
         out = multipole_attention(
             q, k, v, coarse_k, coarse_v, block_size=self.block_size, causal=self.causal,
             scale_coarse=self.scale_coarse, key_padding_mask=padding_mask, coarse_counts=coarse_counts,
-            backend=self.backend,
+            backend=self.resolved_backend(q),
         )
         return out[:, :, :n]

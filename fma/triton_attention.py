@@ -17,16 +17,18 @@ Forward (`_forward_kernel`), one program per (fine block of m queries, batch * h
   - writes out (input dtype) and the row log-sum-exp (fp32; +inf for a row that sees no key, so
     the backward's exp2(s - lse) is 0 there; the row's output is 0).
 
-Backward (flash attention 2: scores recomputed from the saved log-sum-exp, delta = rowsum(dO * O)
-computed in torch):
-  - `_backward_query_kernel`, one program per (query block, batch * head), walks the same tiles as
-    the forward: dQ accumulated in registers and stored once; dK~ and dV~ of the coarse summaries
-    accumulated with fp32 `tl.atomic_add` into fp32 buffers [batch, heads, sum_l (n/w_l) p, d]
-    (a summary is seen by several query blocks), cast to the input dtype afterwards;
-  - `_backward_key_kernel`, one program per (tile of BLOCK_N fine keys, batch * head), walks the
-    queries that see those keys (blocks j, j+1 causal; j-1, j, j+1 bidirectional): dK and dV in
-    registers, stored once. Chosen over atomics for the fine keys: deterministic, no fp32 buffers
-    of size n*d to zero, add into and cast, at the price of recomputing the fine scores twice.
+Backward (flash attention 2: scores recomputed from the saved log-sum-exp), two launches:
+  - `_backward_query_kernel`, one program per (query block, batch * head), first computes and
+    stores its rows' delta = rowsum(dO * O) (fp32; done in torch it took longer on the H200 than
+    all three kernels together), then walks the same tiles as the forward: dQ accumulated in
+    registers and stored once; dK~ and dV~ of the coarse summaries accumulated with fp32
+    `tl.atomic_add` into fp32 buffers [batch, heads, sum_l (n/w_l) p, d] (a summary is seen by
+    several query blocks), cast to the input dtype afterwards;
+  - `_backward_key_kernel` (launched second: it reads delta), one program per (tile of BLOCK_N
+    fine keys, batch * head), walks the queries that see those keys (blocks j, j+1 causal;
+    j-1, j, j+1 bidirectional): dK and dV in registers, stored once. Chosen over atomics for the
+    fine keys: deterministic, no fp32 buffers of size n*d to zero, add into and cast, at the price
+    of recomputing the fine scores twice.
   Only the coarse gradients are summed with atomics, so they alone vary in the last bits between
   runs.
 
@@ -68,19 +70,25 @@ def triton_block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, ran
     """
     batch, heads, n, head_dim = q.shape
     m = block_size
-    if m not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"triton FMA backend supports block_size in {SUPPORTED_BLOCK_SIZES}, got {m}; use backend 'torch'")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"triton FMA backend supports head_dim in {SUPPORTED_HEAD_DIMS}, got {head_dim}; use backend 'torch'")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"triton FMA backend supports dtypes {SUPPORTED_DTYPES}, got {q.dtype}; use backend 'torch'")
+    unsupported = (
+        f"block_size {m} (supported: {SUPPORTED_BLOCK_SIZES})" if m not in SUPPORTED_BLOCK_SIZES else
+        f"head_dim {head_dim} (supported: {SUPPORTED_HEAD_DIMS})" if head_dim not in SUPPORTED_HEAD_DIMS else
+        f"dtype {q.dtype} (supported: {SUPPORTED_DTYPES})" if q.dtype not in SUPPORTED_DTYPES else None
+    )
+    if unsupported:
+        raise ValueError(f"the triton FMA backend does not support {unsupported}; use backend 'torch'")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"triton FMA backend needs CUDA tensors (got device {q.device}); use backend 'torch'")
+    if batch * heads > 65535:  # the grid's second dimension
+        raise ValueError(f"triton FMA backend supports batch * heads <= 65535, got {batch * heads}")
 
-    score_bias = _key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_counts,
-                                 torch.float32, q.device) * LOG2E  # base 2, like the kernels' scores
-    fine_bias = score_bias[:, :n].contiguous() if key_padding_mask is not None else None
-    coarse_bias = score_bias[:, n:].contiguous()
+    if key_padding_mask is None and coarse_counts is None:  # the same for every call of this shape
+        fine_bias, coarse_bias = None, _unmasked_coarse_bias(n, m, rank, scale_coarse, q.device)
+    else:
+        score_bias = _key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_counts,
+                                     torch.float32, q.device) * LOG2E  # base 2, like the kernels' scores
+        fine_bias = score_bias[:, :n].contiguous() if key_padding_mask is not None else None
+        coarse_bias = score_bias[:, n:].contiguous()
     coarse_index = _coarse_index(n, m, rank, causal, q.device)
     k, v = k.to(q.dtype), v.to(q.dtype)
     coarse = [c.to(q.dtype) for c in (*coarse_k, *coarse_v)]
@@ -98,6 +106,17 @@ def _coarse_index(n: int, m: int, rank: int, causal: bool, device: torch.device)
     width = max(16, triton.next_power_of_2(coarse.shape[1]))
     coarse = torch.nn.functional.pad(coarse, (0, width - coarse.shape[1]), value=-1)
     return coarse.to(torch.int32).contiguous().to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _unmasked_coarse_bias(n: int, m: int, rank: int, scale_coarse: bool, device: torch.device) -> torch.Tensor:
+    """[1, C] base-2 logit bias of every summary when nothing is padded (one row for every batch)."""
+    return (_key_logit_bias(1, n, m, rank, scale_coarse, None, None, torch.float32, device) * LOG2E)[:, n:].contiguous()
+
+
+def _batch_stride(bias):
+    """Stride between batch rows of a bias tensor; 0 for one row shared by the whole batch."""
+    return 0 if bias is None or bias.shape[0] == 1 else bias.stride(0)
 
 
 def _empty(shape, dtype, device):
@@ -143,8 +162,8 @@ class _MultipoleAttentionFunction(torch.autograd.Function):
         _forward_kernel[(n // m, batch * heads)](
             q, k, v, coarse_k, coarse_v, out, lse,
             fine_bias if has_fine_bias else coarse_bias, coarse_bias, coarse_index,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(coarse_v), *_strides(out),
-            0 if fine_bias is None else fine_bias.stride(0), coarse_bias.stride(0),
+            *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(out),
+            _batch_stride(fine_bias), _batch_stride(coarse_bias),
             heads, n, head_dim**-0.5 * LOG2E,
             BLOCK_M=m, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles,
             CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias, PRECISION=_dot_precision(q.dtype),
@@ -153,7 +172,6 @@ class _MultipoleAttentionFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, coarse_k, coarse_v, out, lse, fine_bias, coarse_bias, coarse_index)
         ctx.m, ctx.causal = m, causal
         ctx.level_sizes = [c.shape[2] for c in coarse[:num_levels]]
-        ctx.coarse_dtypes = [c.dtype for c in coarse]
         return out
 
     @staticmethod
@@ -162,23 +180,24 @@ class _MultipoleAttentionFunction(torch.autograd.Function):
         m, causal = ctx.m, ctx.causal
         batch, heads, n, head_dim = q.shape
         grad_out = _last_dim_contiguous(grad_out.to(q.dtype))
-        delta = (grad_out.float() * out.float()).sum(-1)  # [batch, heads, n], contiguous
+        delta = _empty((batch, heads, n), torch.float32, q.device)  # rowsum(dO * O), by the query kernel
         dq = _empty(q.shape, q.dtype, q.device)
         dk = _empty(k.shape, k.dtype, k.device)
         dv = _empty(v.shape, v.dtype, v.device)
-        dck = torch.zeros(coarse_k.shape, dtype=torch.float32, device=q.device)  # atomics add into these
-        dcv = torch.zeros(coarse_v.shape, dtype=torch.float32, device=q.device)
+        dcoarse = torch.zeros((2, *coarse_k.shape), dtype=torch.float32, device=q.device)  # atomics add here
+        dck, dcv = dcoarse.unbind(0)
         block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
         has_fine_bias = fine_bias is not None
         fine_bias_arg = fine_bias if has_fine_bias else coarse_bias  # never read without HAS_FINE_BIAS
-        fine_bias_stride = 0 if fine_bias is None else fine_bias.stride(0)
+        fine_bias_stride = _batch_stride(fine_bias)
         common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias,
                       PRECISION=_dot_precision(q.dtype), **launch_config(m, head_dim))
         _backward_query_kernel[(n // m, batch * heads)](
-            q, k, v, coarse_k, coarse_v, grad_out, lse, delta, dq, dck, dcv,
+            q, k, v, coarse_k, coarse_v, out, grad_out, lse, delta, dq, dck, dcv,
             fine_bias_arg, coarse_bias, coarse_index,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(grad_out), *_strides(dq),
-            fine_bias_stride, coarse_bias.stride(0),
+            *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(out), *_strides(grad_out),
+            *_strides(dq),
+            fine_bias_stride, _batch_stride(coarse_bias),
             heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
             BLOCK_M=m, BLOCK_N=block_n, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles, **common,
         )
@@ -188,22 +207,57 @@ class _MultipoleAttentionFunction(torch.autograd.Function):
             fine_bias_stride, heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
             BLOCK_M=m, BLOCK_N=block_n, **common,
         )
-        num_levels = len(ctx.level_sizes)
-        grads = [*dck.split(ctx.level_sizes, dim=2), *dcv.split(ctx.level_sizes, dim=2)]
-        grads = [g.to(dtype) for g, dtype in zip(grads, ctx.coarse_dtypes)]
-        assert len(grads) == 2 * num_levels
-        return None, dq, dk, dv, *grads
+        dck, dcv = dcoarse.to(q.dtype).unbind(0)  # one cast, then views per level
+        return None, dq, dk, dv, *dck.split(ctx.level_sizes, dim=2), *dcv.split(ctx.level_sizes, dim=2)
 
 
 # Kernels ------------------------------------------------------------------------------------------
 # Scores are kept in base 2: s2 = (q . k) * scale * log2(e) + bias * log2(e), softmax via exp2.
+# Loops have compile-time trip counts (tiles outside the sequence are masked, not skipped): the
+# first and last blocks do one wasted tile, and no loop bound is a run-time scalar.
+
+
+@triton.jit
+def _fine_tile(q, K, V, FINE_BIAS_ROW, offs_m, start, sk_n, sv_n, N, qk_scale,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_FINE_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """Fine keys start .. start + BLOCK_N: base-2 scores [M, BLOCK_N] (-inf = not seen), k, v."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    exists = (offs_n >= 0) & (offs_n < N)
+    k = tl.load(K + offs_n[:, None] * sk_n + offs_d[None, :], mask=exists[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * sv_n + offs_d[None, :], mask=exists[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_FINE_BIAS:
+        s += tl.load(FINE_BIAS_ROW + offs_n, mask=exists, other=0.0)[None, :]
+    seen = exists[None, :]
+    if CAUSAL:
+        seen = seen & (offs_n[None, :] <= offs_m[:, None])
+    s = tl.where(seen, s, float("-inf"))
+    return s, k, v
+
+
+@triton.jit
+def _coarse_tile(q, CK, CV, COARSE_BIAS_ROW, INDEX_ROW, t, sc_n, qk_scale,
+                 BLOCK_C: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Coarse tile t of a block's index row: base-2 scores [M, BLOCK_C], summaries ck, cv, rows, valid."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    index = tl.load(INDEX_ROW + t * BLOCK_C + tl.arange(0, BLOCK_C))
+    valid = index >= 0
+    index = tl.where(valid, index, 0)
+    ck = tl.load(CK + index[:, None] * sc_n + offs_d[None, :], mask=valid[:, None], other=0.0)
+    cv = tl.load(CV + index[:, None] * sc_n + offs_d[None, :], mask=valid[:, None], other=0.0)
+    bias = tl.load(COARSE_BIAS_ROW + index, mask=valid, other=float("-inf"))
+    s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale + bias[None, :]
+    s = tl.where(valid[None, :], s, float("-inf"))
+    return s, ck, cv, index, valid
 
 
 @triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     """Fold one tile of base-2 scores s [M, N] (-inf = not seen) and its values v [N, D] in."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid -inf - -inf
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: avoid -inf - -inf
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -214,8 +268,7 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 @triton.jit
 def _forward_kernel(
     Q, K, V, CK, CV, O, LSE, FINE_BIAS, COARSE_BIAS, COARSE_INDEX,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    sck_b, sck_h, sck_n, scv_b, scv_h, scv_n, so_b, so_h, so_n,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sc_b, sc_h, sc_n, so_b, so_h, so_n,
     sfb_b, scb_b,
     H, N, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -231,41 +284,24 @@ def _forward_kernel(
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
     K += b * sk_b + h * sk_h
     V += b * sv_b + h * sv_h
+    CK += b * sc_b + h * sc_h  # coarse_k and coarse_v: contiguous, one shape
+    CV += b * sc_b + h * sc_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # Fine keys: blocks b-1 .. b (causal) or b-1 .. b+1, clipped to [0, N).
-    lo = tl.maximum(block - 1, 0) * BLOCK_M
-    if CAUSAL:
-        hi = (block + 1) * BLOCK_M
-    else:
-        hi = tl.minimum((block + 2) * BLOCK_M, N)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k = tl.load(K + offs_n[:, None] * sk_n + offs_d[None, :])
-        v = tl.load(V + offs_n[:, None] * sv_n + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if HAS_FINE_BIAS:
-            s += tl.load(FINE_BIAS + b * sfb_b + offs_n)[None, :]
-        if CAUSAL:
-            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    # Fine keys of blocks b-1, b (causal) or b-1, b, b+1.
+    for j in range(((2 if CAUSAL else 3) * BLOCK_M) // BLOCK_N):
+        s, k, v = _fine_tile(q, K, V, FINE_BIAS + b * sfb_b, offs_m, (block - 1) * BLOCK_M + j * BLOCK_N,
+                             sk_n, sv_n, N, qk_scale, BLOCK_N, HEAD_DIM, CAUSAL, HAS_FINE_BIAS, PRECISION)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
     # Coarse summaries, gathered through the block's index row.
-    CK += b * sck_b + h * sck_h
-    CV += b * scv_b + h * scv_h
     for t in range(NUM_C_TILES):
-        offs_c = t * BLOCK_C + tl.arange(0, BLOCK_C)
-        index = tl.load(COARSE_INDEX + block * (NUM_C_TILES * BLOCK_C) + offs_c)
-        valid = index >= 0
-        index = tl.where(valid, index, 0)
-        ck = tl.load(CK + index[:, None] * sck_n + offs_d[None, :], mask=valid[:, None], other=0.0)
-        cv = tl.load(CV + index[:, None] * scv_n + offs_d[None, :], mask=valid[:, None], other=0.0)
-        bias = tl.load(COARSE_BIAS + b * scb_b + index, mask=valid, other=float("-inf"))
-        s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale + bias[None, :]
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s, ck, cv, index, valid = _coarse_tile(q, CK, CV, COARSE_BIAS + b * scb_b,
+                                               COARSE_INDEX + block * (NUM_C_TILES * BLOCK_C), t, sc_n, qk_scale,
+                                               BLOCK_C, HEAD_DIM, PRECISION)
         m_i, l_i, acc = _online_softmax_step(s, cv, m_i, l_i, acc, PRECISION)
 
     seen = l_i > 0  # a row that sees no key: output 0, lse +inf (so exp2(s - lse) = 0 backward)
@@ -277,16 +313,17 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_query_kernel(
-    Q, K, V, CK, CV, DO, LSE, DELTA, DQ, DCK, DCV, FINE_BIAS, COARSE_BIAS, COARSE_INDEX,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    sck_b, sck_h, sck_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n,
+    Q, K, V, CK, CV, O, DO, LSE, DELTA, DQ, DCK, DCV, FINE_BIAS, COARSE_BIAS, COARSE_INDEX,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sc_b, sc_h, sc_n,
+    so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n,
     sfb_b, scb_b,
     H, N, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_C: tl.constexpr, NUM_C_TILES: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_FINE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ for one query block, and its contributions to dK~, dV~ of the summaries it sees."""
+    """dQ for one query block, its contributions to dK~, dV~ of the summaries it sees, and its rows'
+    delta = rowsum(dO * O), stored for `_backward_key_kernel` (launched after this one)."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -295,56 +332,40 @@ def _backward_query_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
+    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :])
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m)
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m)
     K += b * sk_b + h * sk_h
     V += b * sv_b + h * sv_h
+    coarse_offset = b * sc_b + h * sc_h  # coarse_k, coarse_v and the fp32 DCK, DCV: contiguous, one shape
+    CK += coarse_offset
+    CV += coarse_offset
+    DCK += coarse_offset
+    DCV += coarse_offset
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    lo = tl.maximum(block - 1, 0) * BLOCK_M
-    if CAUSAL:
-        hi = (block + 1) * BLOCK_M
-    else:
-        hi = tl.minimum((block + 2) * BLOCK_M, N)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k = tl.load(K + offs_n[:, None] * sk_n + offs_d[None, :])
-        v = tl.load(V + offs_n[:, None] * sv_n + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if HAS_FINE_BIAS:
-            s += tl.load(FINE_BIAS + b * sfb_b + offs_n)[None, :]
-        if CAUSAL:
-            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    for j in range(((2 if CAUSAL else 3) * BLOCK_M) // BLOCK_N):
+        s, k, v = _fine_tile(q, K, V, FINE_BIAS + b * sfb_b, offs_m, (block - 1) * BLOCK_M + j * BLOCK_N,
+                             sk_n, sv_n, N, qk_scale, BLOCK_N, HEAD_DIM, CAUSAL, HAS_FINE_BIAS, PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    # Coarse: dQ as above; dK~ = dS^T Q * scale and dV~ = P^T dO summed over query blocks by atomics.
+    # Coarse: dQ as above; dK~ = dS^T Q * scale and dV~ = P^T dO, summed over query blocks by atomics.
     # A block's index row holds each summary at most once, so no two lanes of one add collide.
-    # coarse_k, coarse_v and the fp32 buffers DCK, DCV are contiguous tensors of one shape.
-    coarse_offset = b * sck_b + h * sck_h
-    CK += coarse_offset
-    CV += coarse_offset
-    DCK += coarse_offset
-    DCV += coarse_offset
     for t in range(NUM_C_TILES):
-        offs_c = t * BLOCK_C + tl.arange(0, BLOCK_C)
-        index = tl.load(COARSE_INDEX + block * (NUM_C_TILES * BLOCK_C) + offs_c)
-        valid = index >= 0
-        index = tl.where(valid, index, 0)
-        ck = tl.load(CK + index[:, None] * sck_n + offs_d[None, :], mask=valid[:, None], other=0.0)
-        cv = tl.load(CV + index[:, None] * sck_n + offs_d[None, :], mask=valid[:, None], other=0.0)
-        bias = tl.load(COARSE_BIAS + b * scb_b + index, mask=valid, other=float("-inf"))
-        s = tl.dot(q, tl.trans(ck), input_precision=PRECISION) * qk_scale + bias[None, :]
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s, ck, cv, index, valid = _coarse_tile(q, CK, CV, COARSE_BIAS + b * scb_b,
+                                               COARSE_INDEX + block * (NUM_C_TILES * BLOCK_C), t, sc_n, qk_scale,
+                                               BLOCK_C, HEAD_DIM, PRECISION)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(cv), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(ck.dtype), ck, input_precision=PRECISION)
         dck = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
         dcv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        grad_offsets = index[:, None] * sck_n + offs_d[None, :]
+        grad_offsets = index[:, None] * sc_n + offs_d[None, :]
         tl.atomic_add(DCK + grad_offsets, dck, mask=valid[:, None], sem="relaxed")
         tl.atomic_add(DCV + grad_offsets, dcv, mask=valid[:, None], sem="relaxed")
 
@@ -383,18 +404,15 @@ def _backward_key_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    # Queries of blocks j, j+1 (causal; in block j only those at or after the tile) or j-1 .. j+1.
-    if CAUSAL:
-        lo = key_start
-    else:
-        lo = tl.maximum(key_block - 1, 0) * BLOCK_M
-    hi = tl.minimum((key_block + 2) * BLOCK_M, N)
-    for start in range(lo, hi, BLOCK_N):
-        offs_q = start + tl.arange(0, BLOCK_N)
-        q = tl.load(Q + offs_q[:, None] * sq_n + offs_d[None, :])
-        do = tl.load(DO + offs_q[:, None] * sdo_n + offs_d[None, :])
-        lse = tl.load(LSE + offs_q)
-        delta = tl.load(DELTA + offs_q)
+    # Queries of blocks j, j+1 (causal) or j-1, j, j+1; those outside [0, N) get lse = +inf: p = 0.
+    first_query = (key_block if CAUSAL else key_block - 1) * BLOCK_M
+    for i in range(((2 if CAUSAL else 3) * BLOCK_M) // BLOCK_N):
+        offs_q = first_query + i * BLOCK_N + tl.arange(0, BLOCK_N)
+        exists = (offs_q >= 0) & (offs_q < N)
+        q = tl.load(Q + offs_q[:, None] * sq_n + offs_d[None, :], mask=exists[:, None], other=0.0)
+        do = tl.load(DO + offs_q[:, None] * sdo_n + offs_d[None, :], mask=exists[:, None], other=0.0)
+        lse = tl.load(LSE + offs_q, mask=exists, other=float("inf"))
+        delta = tl.load(DELTA + offs_q, mask=exists, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + key_bias[:, None]  # [keys, queries]
         if CAUSAL:
             s_t = tl.where(offs_n[:, None] <= offs_q[None, :], s_t, float("-inf"))

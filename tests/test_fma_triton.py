@@ -122,8 +122,9 @@ def run_interpreter_case(causal, n, masks):
             out = layer.attend(*inputs, mask)
             wrt = inputs + list(layer.key_downsample.parameters()) + list(layer.value_downsample.parameters())
             results[backend] = [out, *torch.autograd.grad(out, wrt, grad_out, materialize_grads=True)]
-        names = ["out", "dq", "dk", "dv"] + [f"d key {name}" for name, _ in layers["torch"].key_downsample.named_parameters()] + [
-            f"d value {name}" for name, _ in layers["torch"].value_downsample.named_parameters()]
+        names = ["out", "dq", "dk", "dv"]
+        for basis in ("key_downsample", "value_downsample"):
+            names += [f"d {basis}.{name}" for name, _ in getattr(layers["torch"], basis).named_parameters()]
         errors = {name: relative_error(a, b) for name, a, b in zip(names, results["triton"], results["torch"])}
         out = results["triton"][0]
         if causal:
