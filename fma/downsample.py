@@ -26,6 +26,7 @@ from .functional import level_widths, padded_length
 
 DOWNSAMPLE_KINDS = ("groupedconv", "conv", "avgpool")
 FUSED_KINDS = ("groupedconv", "avgpool")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # None: fused for CUDA inputs when Triton is installed; True: fused wherever supported; False: never.
 FUSED: bool | None = None
 
@@ -88,11 +89,11 @@ class Downsample(nn.Module):
     def use_fused(self, x: torch.Tensor, fused: bool | None = None) -> bool:
         """Whether forward takes the fused Triton path (see the module docstring)."""
         wanted = FUSED if fused is None else fused
-        if wanted is False or self.kind not in FUSED_KINDS or len(level_widths(x.shape[2], self.block_size)) == 0:
+        if wanted is False or self.kind not in FUSED_KINDS or x.dtype not in FUSED_DTYPES:
             return False
-        if wanted is None:
-            return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _triton_installed()
-        return True
+        if not level_widths(x.shape[2], self.block_size):
+            return False
+        return True if wanted else x.is_cuda and _triton_installed()
 
     def real_counts(self, real: torch.Tensor, width: int) -> torch.Tensor:
         """real [batch, n] (1 real, 0 pad) -> [batch, (n / w) * p]: real tokens behind each summary:

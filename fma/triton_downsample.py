@@ -1,50 +1,79 @@
 """Fused Triton kernels for the learned downsampling (`groupedconv`) and `avgpool`: every level at once.
 
 What is computed (fma/downsample.py, docs/fma-algorithm.md): for keys (or values) x [B, H, n, d] and
-levels l = 1..L of cell width w_l = m * 2^(l-1) (the widest is n / 4),
+levels l = 1..L of cell width w_l = m * 2^(l-1) (the widest, W* = n / 4),
     S_l[bh, cell, r, c] = b_l[r, c] + sum_{t < w_l} W_l[r, t, c] * x[bh, cell * w_l + t, c].
-avgpool is the same with W_l[r, t, c] = [t // (w_l / p) == r] and no bias, times 1 / (w_l / p), or
-times 1 / (real count) when padded. All levels are written into ONE buffer [B, H, T, d],
-T = sum_l (n / w_l) * p, level l at rows [off_l, off_l + (n / w_l) * p), cell-major; `Downsample`
-returns per-level views of it (`torch.split`), so a consumer may also take the buffer whole.
+avgpool is the same with W_l[r, t, c] = [t // (w_l / p) == r], no bias, times p / w_l, or times
+1 / (real count) when padded. All levels go into ONE buffer [B, H, T, d], T = sum_l (n / w_l) * p,
+level l at rows offsets[l-1]:offsets[l] (`Layout`), cell-major; `Downsample` returns per-level views
+of it (`torch.split`, one cat in backward), so a consumer can take the buffer whole instead of
+concatenating. Summaries come out in x's dtype (the torch path promotes bf16 x with fp32 weights
+to fp32).
 
-Bandwidth floor (METHOD.md), the numbers this is measured against. n = 65,536, B = 2, H = 8, d = 64,
-m = 64, p = 2, bf16 (L = 9 levels, T = 4,088 summaries per head), H200 copy rate ~4.3 TB/s:
-  forward:  read x 134.2 MB + write summaries 8.4 MB (+ W 16.7 MB fp32, once from DRAM; it is shared
-            by all 16 heads and should stay in L2)          -> 142.6 MB (159 MB with W) = 33 us (37 us)
-  backward: read x 134.2 MB + write dx 134.2 MB + read dS 8.4 MB (+ W read, dW written 16.7 MB each)
-                                                            -> 277 MB (310 MB)          = 64 us (72 us)
-  The arithmetic is not free either: n * B*H * d * p * L = 1.2 G fused multiply-adds per pass over x
-  (forward; dx and dW each the same again), which is 36 us per pass at the H200's ~33.5 T fp32 FMA/s
-  (no tensor-core formulation: the product is per channel). Forward and each half of the backward
-  therefore sit near both a ~35 us memory floor and a ~36 us FMA floor; a realistic target is
-  ~2x those: forward ~80 us, backward ~150 us per side.
+API: `fused_summaries(x, kind, block_size, rank, weights, biases, counts) -> buffer` (autograd: dx,
+dW, db); `split_levels(buffer, block_size, rank)`; `benchmark_downsample(...)` for timing.
 
-What this design moves (each kernel reads x or writes dx exactly once):
-  forward  `_forward_kernel`: x once (134 MB); summaries once (levels whose cells fit in a program's
-           chunk stored directly in x's dtype; the few summaries of wider cells accumulated with fp32
-           atomics into a small scratch, ~2 MB at the shape above, then finished in torch); W from L2,
-           each W element loaded by a program is reused by E (bh, top-cell) pairs (16 by default).
-  backward `_grad_input_kernel`: reads dS (L2) and W (L2), writes dx once (134 MB).
-           `_grad_weight_kernel`: reads x once (134 MB) and dS, reduces over every (bh, top cell) in
-           registers, then fp32 atomics into dW: W*L*p*d atomics (~19 M at the shape above).
-           db is a torch sum over dS (8 MB).
+Floor (METHOD.md) at n = 65,536, B = 2, H = 8, d = 64, m = 64, p = 2, bf16 (L = 9 levels, T = 4,088
+summaries per head), H200 copy rate ~4.3 TB/s:
+  forward:  read x 134.2 MB + write summaries 8.4 MB                  = 142.6 MB -> 33 us
+            (+ W, 4.19 M fp32 parameters = 16.7 MB, shared by all heads: 159 MB -> 37 us)
+  backward: read x 134.2 MB + write dx 134.2 MB + read dS 8.4 MB      = 276.8 MB -> 64 us
+            (+ W read and dW written, 16.7 MB each: 310 MB -> 72 us)
+  fwd + bwd: ~98 us per side (keys or values) without W, ~109 us with it.
+  Arithmetic: B*H * n * d * p * L = 1.21 G multiply-adds per product (forward, dx, dW each): 36 us
+  on the fp32 FMA units, a few us on the tensor cores, which is why the kernels use tensor cores.
 
-The k-folding: the widest cell is W* = n / 4 wide, and every cell width divides W*, so the tokens
-t = k * W* + o (k = 0..3) sit at the same position o mod w_l inside their level-l cells for EVERY
-level: a program that handles the in-cell offsets [o, o + C) handles them in all 4 top cells and in a
-group of heads, so one load of W serves E = 4 * (heads in the group) rows of x.
+Design (each kernel reads x, or writes dx, exactly once; nothing per level):
+  The k-folding: every width divides W*, so tokens t = k * W* + o (k = 0..3, the 4 top cells) sit
+  at the same in-cell position o mod w_l at EVERY level. A program owns in-cell offsets o, a group of
+  E (bh, top cell) pairs and BD channels, so each W element it loads serves E rows of x.
+  Per channel c the work is a small matrix product, batched over c with a 3-D `tl.dot`:
+  forward  `_forward_kernel`, grid (offset chunk x E-group x channel block), channel block fastest:
+           per tile of TOK tokens (inside one level-1 cell) acc[c, e, row] += x[c, e, t] @ W[c, t, row],
+           row = (level, r), W gathered at each level's in-cell position. Levels whose cells fit in
+           the chunk are stored (bias, scale, cast) when their cell ends; wider levels are added with
+           fp32 atomics (one per program, row, e, channel) to a small scratch, finished by
+           `_finish_kernel`. Reads x once + W (L2); writes each summary once.
+  backward `_grad_input_kernel`: dx[c, e, t] = dS[c, e, row] @ W[c, row, t]; the W tile is loaded
+           once per program and serves several E-groups; dx written once.
+           `_grad_weight_kernel`: dW[c, row, t] += dS[c, row, e] @ x[c, e, t] over all (bh, top cell)
+           pairs of a split, then fp32 atomics into dW (W* * L * p * d ~ 19 M at the shape above).
+           db: one torch sum over dS plus an index_add.
+  bf16/fp16 inputs: tensor-core products in that dtype; fp32 weights enter as hi + lo halves (about
+  16 significant bits, two products) so they keep fp32-like accuracy. fp32 inputs: `tl.dot` with
+  input_precision FP32_PRECISION ("tf32x3": three tf32 products, fp32-level accuracy; "ieee":
+  exact but on the FMA units, ~3.5x slower; env FMA_DOWNSAMPLE_FP32_PRECISION).
 
-Kernels read x through its strides (a permuted view of the qkv projection is not copied), need
-nothing newer than Triton 3.0 (loads/stores with masks, atomic_add, sum/where/arange), and run on
-the CPU under TRITON_INTERPRET=1 (set before this module is imported).
+Measured on an H200 (triton 3.6, torch 2.11) at the shape above, bf16, median of do_bench:
+  kernels: forward ~280 us, dx ~270 us, dW ~290 us (each ~8x its share of the floor). Through
+  `Downsample` (benchmark_downsample): forward 0.34 ms, forward + backward 1.6 ms, against 8.9 ms and
+  26.1 ms for the torch path. About 0.9 ms of the 1.6 is GPU work (the three kernels, the split /
+  cat of the weights and gradients, db); the rest is host-side launch and autograd overhead, which
+  dominates at small n (n = 4,096: 1.3 ms fused, 1.5 ms torch; 16,384: 1.4 vs 5.4 ms). fp32
+  (tf32x3): 0.48 / 1.9 ms against 5.4 / 19.5 ms. avgpool: 0.24 / 0.84 ms against 0.44 / 2.4 ms.
+  What limits the kernels (Nsight Compute): L1/shared-memory throughput at 55-80% with DRAM at ~15%.
+  The channel dimension is the batch of the products AND the contiguous one in memory, so every
+  operand tile must be transposed through shared memory on its way to the tensor cores, and Triton
+  reads it back element-wise with bank conflicts. Smaller channel blocks (less conflict) lose more
+  in sector waste than they gain (measured). The lever that would remove it is a channel-major
+  layout of K/V ([B, H, d, n], tokens contiguous) from the qkv projection, or a hand-written CUDA
+  kernel that transposes in registers. An fp32 FMA formulation with per-token outer products
+  (the first version) was 5-10x slower still: Triton has no way to keep the broadcast operands in
+  registers.
+
+Kernels read x through its strides (a permuted view of the qkv projection is not copied). They use
+masked loads/stores, atomic_add, where/arange and `tl.dot` on 3-D blocks (batched; documented since
+Triton 3.0, but 3-D dots inside loops failed to compile before triton 3.3, triton-lang/triton#5620;
+the GPU here has 3.6). Under TRITON_INTERPRET=1 (set before this module is imported) they run on the
+CPU; the interpreter's bf16 `tl.dot` returns garbage (triton 3.9), so there half-precision products
+run on upcast values (`_dot`, EMULATE).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import os
 
 import torch
 import triton
@@ -52,6 +81,8 @@ import triton.language as tl
 
 from .functional import level_widths
 
+# Under the Triton interpreter (CPU) half-precision products run on upcast values (see _dot).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Debugging aid for tests: fill freshly allocated outputs with NaN so that an unwritten element shows.
 POISON_OUTPUTS = False
 # The last compiled kernel of each kind (for inspecting registers, spills and the IR).
@@ -78,21 +109,34 @@ def _row_meta(rows, P: tl.constexpr, m, num_levels, d, N2):
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b, batched over dim 0. fp32 operands: PRECISION ("ieee" = exact fp32). EMULATE (the
+    Triton interpreter, whose bf16 tl.dot returns garbage in triton 3.9): the same product, upcast."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, scratch_ptr,
     H, BH, sx_b, sx_h, sx_n, sx_d,
-    d, m, num_levels, W_TOP, NTOP, N2, T, CHUNK, COARSE_OFF, TC,
-    P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr,
-    AVG: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    d, m, num_levels, W_TOP, NTOP, N2, T, CHUNK, COARSE_OFF, TC, W_LO, NC, NE,
+    P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
+    BT: tl.constexpr, AVG: tl.constexpr, SPLIT_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """One program: in-cell offsets [o0, o0 + CHUNK) of each top cell, E (bh, top cell) pairs, BD channels.
-
-    acc[row, e, c] (row = (level, r)) collects sum_t W[row, pos_l(t), c] * x[e, t, c] token by token;
-    a level whose cells fit in the chunk is stored (with bias, scale) whenever its cell ends; wider
-    levels are added to the fp32 scratch at the end (finished by the caller)."""
-    pid_o = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_e = tl.program_id(2)
+    """One program: in-cell offsets [o0, o0 + CHUNK) of each top cell, E (bh, top cell) pairs e, BD
+    channels c. Per tile of TOK tokens (inside one level-1 cell), for every channel c at once:
+        acc[c, e, row] += x[c, e, t] @ W[c, t, row],   row = (level, r), t = pos_level(token)
+    (W in two halves hi + lo when SPLIT_W). A level whose cells fit in the chunk is stored (bias,
+    scale, cast) whenever its cell ends; wider levels are added at the end to the fp32 scratch."""
+    pid = tl.program_id(0)  # channel blocks vary fastest: programs that read the same rows run together
+    pid_c = pid % NC
+    pid_e = (pid // NC) % NE
+    pid_o = pid // (NC * NE)
     o0 = pid_o * CHUNK
 
     rows = tl.arange(0, LP)
@@ -107,138 +151,181 @@ def _forward_kernel(
     b_idx = bh // H
     h_idx = bh % H
     tok0 = k_top * W_TOP + o0  # first token of the chunk, per e
-    x_rows = x_ptr + b_idx.to(tl.int64) * sx_b + h_idx.to(tl.int64) * sx_h + tok0.to(tl.int64) * sx_n
-    x_ptrs = x_rows[:, None] + (cols * sx_d)[None, :]
-    x_mask = e_ok[:, None] & col_ok[None, :]
-    w_ptrs = w_ptr + w_offset[:, None] + cols[None, :]
-    w_mask = row_ok[:, None] & col_ok[None, :]
-    out_rows = bh.to(tl.int64) * T * d  # [E]
+    tt = tl.arange(0, BT)
+    t_ok = tt < TOK
+
+    x_base = b_idx.to(tl.int64) * sx_b + h_idx.to(tl.int64) * sx_h + tok0.to(tl.int64) * sx_n  # [E]
+    x_ptrs = x_ptr + (cols * sx_d)[:, None, None] + x_base[None, :, None] + (tt * sx_n)[None, None, :]
+    x_mask = col_ok[:, None, None] & e_ok[None, :, None] & t_ok[None, None, :]  # [BD, E, BT]
+    w_ptrs = w_ptr + cols[:, None, None] + (tt * d)[None, :, None] + w_offset[None, None, :]
+    w_mask = col_ok[:, None, None] & t_ok[None, :, None] & row_ok[None, None, :]  # [BD, BT, LP]
+    o_mask = col_ok[:, None, None] & e_ok[None, :, None]  # [BD, E, 1]
+    out_base = out_ptr + cols[:, None, None] + (bh.to(tl.int64) * T * d)[None, :, None]
     if HAS_BIAS:
-        bias = tl.load(b_ptr + (level * P + r)[:, None] * d + cols[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + rows[None, :] * d + cols[:, None], mask=col_ok[:, None] & row_ok[None, :], other=0.0)
+        bias = bias.to(tl.float32)[:, None, :]  # [BD, 1, LP]
     if AVG:
         segment = width // P
 
-    acc = tl.zeros((LP, E, BD), dtype=tl.float32)
-    pos = o0 % width  # position of the current token inside its level-l cell, per row
-    for i in range(0, CHUNK):
-        xv = tl.load(x_ptrs + i * sx_n, mask=x_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BD, E, LP), dtype=tl.float32)
+    for it in range(0, CHUNK // TOK):
+        start = o0 + it * TOK  # in-cell offset of the tile; the tile lies inside one level-1 cell
+        xv = tl.load(x_ptrs + tl.cast(it * TOK, tl.int64) * sx_n, mask=x_mask, other=0.0)
+        pos = start % width  # [LP] position of the tile's first token in its level-l cell
         if AVG:
-            wv = tl.where(row_ok & (pos // segment == r), 1.0, 0.0)
-            acc += wv[:, None, None] * xv[None, :, :]
+            hit = ((pos[None, :] + tt[:, None]) // segment[None, :] == r[None, :]) & t_ok[:, None] & row_ok[None, :]
+            wv = tl.broadcast_to(tl.where(hit, 1.0, 0.0).to(xv.dtype)[None, :, :], (BD, BT, LP))
+            acc = _dot(xv, wv, acc, PRECISION, EMULATE)
         else:
-            wv = tl.load(w_ptrs + (pos * d)[:, None], mask=w_mask, other=0.0).to(tl.float32)
-            acc += wv[:, None, :] * xv[None, :, :]
-        pos = pos + 1
-        done = row_ok & (pos == width) & (width <= CHUNK)  # cells that end with this token
-        pos = tl.where(pos == width, 0, pos)
-        if (i + 1) % m == 0:  # every cell end is a level-1 cell end
-            cell = (tok0[None, :] + i) // width[:, None]  # [LP, E]
-            summary = s_offset[:, None] + cell * P + r[:, None]
+            wp = w_ptrs + (pos * d)[None, None, :]
+            acc = _dot(xv, tl.load(wp, mask=w_mask, other=0.0), acc, PRECISION, EMULATE)
+            if SPLIT_W:
+                acc = _dot(xv, tl.load(wp + W_LO, mask=w_mask, other=0.0), acc, PRECISION, EMULATE)
+        end = start + TOK
+        if end % m == 0:  # a level-1 cell ends here; so may cells of wider levels
+            done = row_ok & (end % width == 0) & (width <= CHUNK)  # [LP]
+            cell = (tok0[:, None] + (end - o0 - 1)) // width[None, :]  # [E, LP]
+            summary = s_offset[None, :] + cell * P + r[None, :]
             value = acc
             if HAS_BIAS:
-                value = value + bias[:, None, :]
+                value = value + bias
             if HAS_SCALE:
-                sc = tl.load(scale_ptr + b_idx[None, :] * T + summary, mask=done[:, None] & e_ok[None, :], other=0.0)
-                value = value * sc[:, :, None]
+                sc = tl.load(scale_ptr + b_idx[:, None] * T + summary, mask=e_ok[:, None] & done[None, :], other=0.0)
+                value = value * sc[None, :, :]
             elif AVG:
-                value = value / segment.to(tl.float32)[:, None, None]
-            o_ptrs = out_ptr + (out_rows[None, :] + summary * d)[:, :, None] + cols[None, None, :]
-            o_mask = done[:, None, None] & x_mask[None, :, :]
-            tl.store(o_ptrs, value.to(out_ptr.dtype.element_ty), mask=o_mask)
-            acc = tl.where(done[:, None, None], 0.0, acc)
+                value = value / segment.to(tl.float32)[None, None, :]
+            tl.store(out_base + (summary * d)[None, :, :], value.to(out_ptr.dtype.element_ty),
+                     mask=o_mask & done[None, None, :])
+            acc = tl.where(done[None, None, :], 0.0, acc)
 
     # Levels wider than the chunk: this program holds one partial sum per (row, e); add it up.
     if CHUNK < W_TOP:
         coarse = row_ok & (width > CHUNK)
-        cell = tok0[None, :] // width[:, None]
-        summary = s_offset[:, None] + cell * P + r[:, None] - COARSE_OFF
-        s_ptrs = scratch_ptr + (bh.to(tl.int64)[None, :] * TC * d + summary * d)[:, :, None] + cols[None, None, :]
-        tl.atomic_add(s_ptrs, acc, mask=coarse[:, None, None] & x_mask[None, :, :])
+        summary = s_offset[None, :] + (tok0[:, None] // width[None, :]) * P + r[None, :] - COARSE_OFF  # [E, LP]
+        s_ptrs = scratch_ptr + cols[:, None, None] + (bh.to(tl.int64) * TC * d)[None, :, None] + (summary * d)[None, :, :]
+        tl.atomic_add(s_ptrs, acc, mask=o_mask & coarse[None, None, :])
 
 
 @triton.jit
 def _grad_input_kernel(
     g_ptr, w_ptr, dx_ptr,
-    BH, n, d, m, num_levels, W_TOP, NTOP, N2, T,
-    P: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, AVG: tl.constexpr,
+    BH, n, d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS, W_LO, G_LO, NC, NE,
+    P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
+    BT: tl.constexpr, AVG: tl.constexpr, SPLIT_W: tl.constexpr, SPLIT_G: tl.constexpr,
+    PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """dx[e, o0 + i, c] = sum_rows W[row, pos_l(o0 + i), c] * dS[e, summary of row, c] for a BT x BD tile
-    and E (bh, top cell) pairs; rows one at a time, so nothing is reduced across threads."""
-    pid_o = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_e = tl.program_id(2)
-    o0 = pid_o * BT
-    ti = tl.arange(0, BT)
+    """dx[c, e, t] = dS[c, e, row] @ W[c, row, t] for a tile of TOK tokens at in-cell offset o0 and BD
+    channels; the W tile is loaded once and serves E_GROUPS groups of E (bh, top cell) pairs.
+    A split operand (W or dS) is stored as hi at ptr and lo at ptr + *_LO."""
+    pid = tl.program_id(0)  # channel blocks vary fastest: programs that read the same rows run together
+    pid_c = pid % NC
+    pid_e = (pid // NC) % NE
+    pid_o = pid // (NC * NE)
+    o0 = pid_o * TOK
+    rows = tl.arange(0, LP)
+    row_ok, level, r, width, w_offset, s_offset = _row_meta(rows, P, m, num_levels, d, N2)
     cols = pid_c * BD + tl.arange(0, BD)
     col_ok = cols < d
-    ee = pid_e * E + tl.arange(0, E)
-    k_top = ee % NTOP
-    bh = ee // NTOP
-    e_ok = bh < BH
-    bh = tl.where(e_ok, bh, 0)
-    tok0 = k_top * W_TOP + o0
-    g_rows = g_ptr + bh.to(tl.int64) * T * d
-    g_mask = e_ok[:, None] & col_ok[None, :]
+    tt = tl.arange(0, BT)
+    t_ok = tt < TOK
+    pos = o0 % width  # [LP]
+    if AVG:
+        hit = ((pos[:, None] + tt[None, :]) // (width // P)[:, None] == r[:, None]) & row_ok[:, None] & t_ok[None, :]
+        w_hi = tl.broadcast_to(tl.where(hit, 1.0, 0.0).to(g_ptr.dtype.element_ty)[None, :, :], (BD, LP, BT))
+    else:
+        w_ptrs = w_ptr + cols[:, None, None] + (w_offset + pos * d)[None, :, None] + (tt * d)[None, None, :]
+        w_mask = col_ok[:, None, None] & row_ok[None, :, None] & t_ok[None, None, :]
+        w_hi = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if SPLIT_W:
+            w_lo = tl.load(w_ptrs + W_LO, mask=w_mask, other=0.0)
 
-    acc = tl.zeros((E, BT, BD), dtype=tl.float32)
-    for row in range(0, num_levels * P):
-        level = row // P
-        r = row % P
-        width = m << level
-        pos = o0 % width + ti  # a BT tile lies inside one level-1 cell: no wrap
-        summary = P * (N2 - (N2 >> level)) + (tok0 // width) * P + r  # [E]
-        gv = tl.load(g_rows[:, None] + (summary * d)[:, None] + cols[None, :], mask=g_mask, other=0.0)
-        gv = gv.to(tl.float32)
-        if AVG:
-            wv = tl.where(pos // (width // P) == r, 1.0, 0.0)
-            acc += wv[None, :, None] * gv[:, None, :]
-        else:
-            w_base = (P * d * m * ((1 << level) - 1) + r * width * d).to(tl.int64)
-            wv = tl.load(w_ptr + w_base + (pos * d)[:, None] + cols[None, :], mask=col_ok[None, :], other=0.0)
-            acc += wv.to(tl.float32)[None, :, :] * gv[:, None, :]
-
-    dx_ptrs = dx_ptr + (bh.to(tl.int64) * n * d + tok0.to(tl.int64) * d)[:, None, None] + (ti * d)[None, :, None]
-    dx_ptrs += cols[None, None, :]
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=g_mask[:, None, :])
+    for group in range(0, E_GROUPS):
+        ee = (pid_e * E_GROUPS + group) * E + tl.arange(0, E)
+        k_top = ee % NTOP
+        bh = ee // NTOP
+        e_ok = bh < BH
+        bh = tl.where(e_ok, bh, 0)
+        tok0 = k_top * W_TOP + o0
+        summary = s_offset[None, :] + (tok0[:, None] // width[None, :]) * P + r[None, :]  # [E, LP]
+        g_ptrs = g_ptr + cols[:, None, None] + (bh.to(tl.int64) * T * d)[None, :, None] + (summary * d)[None, :, :]
+        g_mask = col_ok[:, None, None] & e_ok[None, :, None] & row_ok[None, None, :]
+        gv = tl.load(g_ptrs, mask=g_mask, other=0.0)
+        acc = _dot(gv, w_hi, tl.zeros((BD, E, BT), dtype=tl.float32), PRECISION, EMULATE)
+        if SPLIT_W:
+            acc = _dot(gv, w_lo, acc, PRECISION, EMULATE)
+        if SPLIT_G:
+            acc = _dot(tl.load(g_ptrs + G_LO, mask=g_mask, other=0.0), w_hi, acc, PRECISION, EMULATE)
+        dx_ptrs = dx_ptr + cols[:, None, None] + ((bh.to(tl.int64) * n + tok0) * d)[None, :, None] + (tt * d)[None, None, :]
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty),
+                 mask=col_ok[:, None, None] & e_ok[None, :, None] & t_ok[None, None, :])
 
 
 @triton.jit
 def _grad_weight_kernel(
     x_ptr, g_ptr, dw_ptr,
     H, BH, sx_b, sx_h, sx_n, sx_d,
-    d, m, num_levels, W_TOP, NTOP, N2, T, E_PER_SPLIT,
-    P: tl.constexpr, LP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS, NC, NE,
+    P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
+    BT: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    """dW[row, pos_l(o0 + i), c] += sum_e dS[e, summary of row, c] * x[e, o0 + i, c] for one BT x BD
-    tile of in-cell offsets over a range of (bh, top cell) pairs e; fp32 atomics at the end."""
-    pid_o = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    o0 = pid_o * BT
-    ti = tl.arange(0, BT)
+    """dW[c, row, t] += dS[c, row, e] @ x[c, e, t] over E_GROUPS groups of E (bh, top cell) pairs, for
+    a tile of TOK tokens at in-cell offset o0 and BD channels; fp32 atomics into dW at the end."""
+    pid = tl.program_id(0)  # channel blocks vary fastest: programs that read the same rows run together
+    pid_c = pid % NC
+    pid_s = (pid // NC) % NE
+    pid_o = pid // (NC * NE)
+    o0 = pid_o * TOK
     rows = tl.arange(0, LP)
     row_ok, level, r, width, w_offset, s_offset = _row_meta(rows, P, m, num_levels, d, N2)
     cols = pid_c * BD + tl.arange(0, BD)
     col_ok = cols < d
-    g_mask = row_ok[:, None] & col_ok[None, :]
-    x_tile = (ti * sx_n)[:, None] + (cols * sx_d)[None, :]
+    tt = tl.arange(0, BT)
+    t_ok = tt < TOK
 
-    acc = tl.zeros((LP, BT, BD), dtype=tl.float32)
-    e_start = pid_s * E_PER_SPLIT
-    e_end = tl.minimum(e_start + E_PER_SPLIT, BH * NTOP)
-    for e in range(e_start, e_end):
-        k_top = e % NTOP
-        bh = e // NTOP
+    acc = tl.zeros((BD, LP, BT), dtype=tl.float32)
+    for group in range(0, E_GROUPS):
+        ee = (pid_s * E_GROUPS + group) * E + tl.arange(0, E)
+        k_top = ee % NTOP
+        bh = ee // NTOP
+        e_ok = bh < BH
+        bh = tl.where(e_ok, bh, 0)
         tok0 = k_top * W_TOP + o0
-        x_base = (bh // H).to(tl.int64) * sx_b + (bh % H).to(tl.int64) * sx_h + tok0.to(tl.int64) * sx_n
-        xv = tl.load(x_ptr + x_base + x_tile, mask=col_ok[None, :], other=0.0).to(tl.float32)
-        summary = s_offset + (tok0 // width) * P + r
-        gv = tl.load(g_ptr + bh.to(tl.int64) * T * d + (summary * d)[:, None] + cols[None, :], mask=g_mask, other=0.0)
-        acc += gv.to(tl.float32)[:, None, :] * xv[None, :, :]
+        summary = s_offset[:, None] + (tok0[None, :] // width[:, None]) * P + r[:, None]  # [LP, E]
+        g_ptrs = g_ptr + cols[:, None, None] + (summary * d)[None, :, :] + (bh.to(tl.int64) * T * d)[None, None, :]
+        gv = tl.load(g_ptrs, mask=col_ok[:, None, None] & row_ok[None, :, None] & e_ok[None, None, :], other=0.0)
+        x_base = (bh // H).to(tl.int64) * sx_b + (bh % H).to(tl.int64) * sx_h + tok0.to(tl.int64) * sx_n  # [E]
+        x_ptrs = x_ptr + (cols * sx_d)[:, None, None] + x_base[None, :, None] + (tt * sx_n)[None, None, :]
+        xv = tl.load(x_ptrs, mask=col_ok[:, None, None] & e_ok[None, :, None] & t_ok[None, None, :], other=0.0)
+        acc = _dot(gv, xv, acc, PRECISION, EMULATE)
 
     pos = o0 % width  # [LP]
-    dw_ptrs = dw_ptr + (w_offset + pos * d)[:, None, None] + (ti * d)[None, :, None] + cols[None, None, :]
-    tl.atomic_add(dw_ptrs, acc, mask=g_mask[:, None, :])
+    dw_ptrs = dw_ptr + cols[:, None, None] + (w_offset + pos * d)[None, :, None] + (tt * d)[None, None, :]
+    tl.atomic_add(dw_ptrs, acc, mask=col_ok[:, None, None] & row_ok[None, :, None] & t_ok[None, None, :])
+
+
+@triton.jit
+def _finish_kernel(
+    scratch_ptr, b_ptr, scale_ptr, rows_ptr, out_ptr,
+    H, d, T, TC, COARSE_OFF, total,
+    BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MODE: tl.constexpr,
+):
+    """out[bh, COARSE_OFF + s, c] = (scratch[bh, s, c] + b[row(s), c]) * scale, cast: the summaries of
+    the levels wider than a forward chunk. SCALE_MODE 0: none, 1: scale[b, s] (avgpool, padded),
+    2: scale[s] (avgpool, w / p tokens per summary)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < total
+    c = idx % d
+    s = (idx // d) % TC + COARSE_OFF
+    bh = idx // (d * TC)
+    value = tl.load(scratch_ptr + idx, mask=ok, other=0.0)
+    if HAS_BIAS:
+        row = tl.load(rows_ptr + s, mask=ok, other=0)
+        value += tl.load(b_ptr + row * d + c, mask=ok, other=0.0).to(tl.float32)
+    if SCALE_MODE == 1:
+        value *= tl.load(scale_ptr + (bh // H) * T + s, mask=ok, other=0.0)
+    if SCALE_MODE == 2:
+        value *= tl.load(scale_ptr + s, mask=ok, other=0.0)
+    tl.store(out_ptr + (bh * T + s) * d + c, value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,6 +344,7 @@ class Layout:
     offsets: tuple[int, ...]  # first summary of each level in the concatenated buffer, then T
 
     @classmethod
+    @functools.lru_cache(maxsize=64)
     def of(cls, n: int, m: int, p: int) -> "Layout":
         widths = tuple(level_widths(n, m))
         if not widths or widths[-1] * 4 != n:
@@ -277,6 +365,16 @@ class Layout:
     @property
     def top(self) -> int:
         return self.widths[-1]
+
+
+@functools.lru_cache(maxsize=32)
+def _summary_tables(layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per summary of the concatenated buffer: its row level * p + r (int64), and p / w_l (fp32)."""
+    rows, scales = [], []
+    for level, w in enumerate(layout.widths):
+        rows.append(level * layout.p + torch.arange(layout.n // w * layout.p) % layout.p)
+        scales.append(torch.full((layout.n // w * layout.p,), layout.p / w))
+    return torch.cat(rows).to(device), torch.cat(scales).to(device)
 
 
 def _pow2_divisor(m: int, cap: int) -> int:
@@ -300,89 +398,126 @@ def _empty(shape, dtype, device):
     return out
 
 
-# Tile sizes: E (bh, top cell) pairs share each loaded W element; BD channels per program.
-FWD_E, FWD_BD, FWD_WARPS = 16, 16, 8
-BWD_E, BWD_BT, BWD_BD, BWD_WARPS = 16, 16, 16, 4
-DW_BT, DW_BD, DW_WARPS = 16, 16, 8
+# Tile sizes (tuned on an H200, see the module docstring): E (bh, top cell) pairs per tile (the M or K
+# dimension of the batched products, >= 16), BD channels (the batch of the products), TOK tokens per
+# tile (a power of two dividing m, padded to >= 16 for the products).
+FWD_E, FWD_BD, FWD_TOK, FWD_WARPS, FWD_STAGES = 64, 8, 16, 8, 2
+DX_E, DX_BD, DX_TOK, DX_WARPS, DX_STAGES = 32, 16, 32, 4, 2
+DW_E, DW_BD, DW_TOK, DW_WARPS, DW_STAGES = 128, 8, 16, 8, 2
+# fp32 inputs: "tf32x3" (three tf32 products, fp32-level accuracy, tensor cores) or "ieee" (exact
+# fp32 on the FMA units, ~3.5x slower at n = 64K).
+FP32_PRECISION = os.environ.get("FMA_DOWNSAMPLE_FP32_PRECISION", "tf32x3")
 
 
-def _forward(x, w_cat, b_cat, scale, layout: Layout, avg: bool):
-    """Summaries of every level into one buffer [B, H, T, d] (x's dtype)."""
-    chunk = FORWARD_CHUNK
+def _tiles(layout: Layout, d: int, pairs: int, E: int, BD: int, TOK: int):
+    """(LP, E, BD, TOK, BT): rows padded to a power of two >= 16, and the clamped tile sizes."""
+    LP = max(16, triton.next_power_of_2(layout.num_levels * layout.p))
+    E = max(16, min(E, triton.next_power_of_2(pairs)))
+    BD = min(BD, triton.next_power_of_2(d))
+    TOK = _pow2_divisor(layout.m, TOK)
+    return LP, E, BD, TOK, max(16, TOK)
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _operand(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int, bool]:
+    """t as a kernel operand for inputs of `dtype`: (flat tensor, offset of the lo half, split).
+
+    For half-precision inputs an fp32 tensor becomes hi = t.to(dtype) followed by lo = (t - hi) in
+    dtype, so that two tensor-core products reproduce the fp32 values to about 2^-17; else t as is
+    (fp32 inputs: fp32 operands)."""
+    t = t.reshape(-1)
+    if not _half(dtype):
+        return t.to(torch.float32).contiguous(), 0, False
+    if t.dtype == dtype:
+        return t.contiguous(), 0, False
+    t = t.to(torch.float32)
+    split = torch.empty(2, t.numel(), dtype=dtype, device=t.device)
+    split[0] = t
+    split[1] = t - split[0]
+    return split.reshape(-1), t.numel(), True
+
+
+def _forward(x, w_op, b_cat, scale, layout: Layout, avg: bool):
+    """Summaries of every level into one buffer [B, H, T, d] (x's dtype). w_op: `_operand` of W_cat."""
     B, H, n, d = x.shape
     BH, p, m = B * H, layout.p, layout.m
     T, top, num_levels = layout.total, layout.top, layout.num_levels
     ntop = n // top
-    LP = triton.next_power_of_2(num_levels * p)
-    E = min(FWD_E, triton.next_power_of_2(BH * ntop))
-    BD = min(FWD_BD, triton.next_power_of_2(d))
+    LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, FWD_E, FWD_BD, FWD_TOK)
     e_groups, c_groups = triton.cdiv(BH * ntop, E), triton.cdiv(d, BD)
+    chunk = FORWARD_CHUNK
     if chunk is None:  # the widest chunk (fewest atomics) that still gives enough programs
         chunk = top
         while chunk > m and (top // chunk) * e_groups * c_groups < _target_programs(x):
             chunk //= 2
+    assert chunk % m == 0 and top % chunk == 0, f"chunk {chunk} must be a multiple of {m} dividing {top}"
     coarse_level = next((i for i, w in enumerate(layout.widths) if w > chunk), num_levels)
     coarse_off = layout.offsets[coarse_level]
     out = _empty((B, H, T, d), x.dtype, x.device)
     scratch = torch.zeros((BH, T - coarse_off, d), dtype=torch.float32, device=x.device)
-    dummy = scratch
-    LAST_COMPILED["forward"] = _forward_kernel[(top // chunk, c_groups, e_groups)](
-        x, w_cat if w_cat is not None else dummy, b_cat if b_cat is not None else dummy,
-        scale if scale is not None else dummy, out, scratch,
-        H, BH, *x.stride(), d, m, num_levels, top, ntop, 2 * n // m, T, chunk, coarse_off, T - coarse_off,
-        P=p, LP=LP, E=E, BD=BD, AVG=avg, HAS_BIAS=b_cat is not None, HAS_SCALE=scale is not None,
-        num_warps=FWD_WARPS,
+    w, w_lo, split_w = w_op if w_op is not None else (scratch, 0, False)
+    LAST_COMPILED["forward"] = _forward_kernel[(top // chunk * c_groups * e_groups,)](
+        x, w, b_cat if b_cat is not None else scratch, scale if scale is not None else scratch, out, scratch,
+        H, BH, *x.stride(), d, m, num_levels, top, ntop, 2 * n // m, T, chunk, coarse_off, T - coarse_off, w_lo, c_groups, e_groups,
+        P=p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg, SPLIT_W=split_w, HAS_BIAS=b_cat is not None,
+        HAS_SCALE=scale is not None, PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED,
+        num_warps=FWD_WARPS, num_stages=FWD_STAGES,
     )
     if coarse_level < num_levels:  # finish the wide levels: bias, scale, cast
-        tail = scratch.view(B, H, T - coarse_off, d)
-        if b_cat is not None:
-            tail += torch.cat([
-                b_cat[i * p * d:(i + 1) * p * d].view(1, p, d).expand(n // w, p, d).reshape(-1, d)
-                for i, w in enumerate(layout.widths) if i >= coarse_level
-            ]).float()
-        if scale is not None:
-            tail *= scale[:, None, coarse_off:, None]
-        elif avg:
-            tail *= torch.cat([
-                torch.full((n // w * p,), p / w, device=x.device) for w in layout.widths[coarse_level:]
-            ])[:, None]
-        out[:, :, coarse_off:] = tail
+        rows, per_summary = _summary_tables(layout, x.device)
+        total, block = scratch.numel(), 1024
+        _finish_kernel[(triton.cdiv(total, block),)](
+            scratch, b_cat if b_cat is not None else scratch,
+            scale if scale is not None else per_summary, rows, out,
+            H, d, T, T - coarse_off, coarse_off, total,
+            BLOCK=block, HAS_BIAS=b_cat is not None, SCALE_MODE=1 if scale is not None else 2 if avg else 0,
+        )
     return out
 
 
-def _grad_input(g, w_cat, layout: Layout, avg: bool, shape, dtype):
+def _grad_input(g_op, w_op, layout: Layout, avg: bool, shape, dtype):
+    """dx [B, H, n, d] (dtype) from dS (`_operand` of g [B*H, T, d]; avgpool: g times the summary
+    scales) and W (`_operand` of W_cat, None for avgpool)."""
     B, H, n, d = shape
-    BH, p = B * H, layout.p
+    BH = B * H
     ntop = n // layout.top
-    E = min(BWD_E, triton.next_power_of_2(BH * ntop))
-    BT = _pow2_divisor(layout.m, BWD_BT)
-    BD = min(BWD_BD, triton.next_power_of_2(d))
-    dx = _empty(shape, dtype, g.device)
-    grid = (layout.top // BT, triton.cdiv(d, BD), triton.cdiv(BH * ntop, E))
-    LAST_COMPILED["grad_input"] = _grad_input_kernel[grid](
-        g, w_cat if w_cat is not None else g, dx,
-        BH, n, d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m, layout.total,
-        P=p, E=E, BT=BT, BD=BD, AVG=avg, num_warps=BWD_WARPS,
+    LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, DX_E, DX_BD, DX_TOK)
+    tiles = (layout.top // TOK) * triton.cdiv(d, BD)
+    groups = triton.cdiv(BH * ntop, E)
+    splits = min(groups, triton.cdiv(_target_programs(g_op[0]), tiles))  # W tile loads: one per split
+    per_split = triton.cdiv(groups, splits)
+    splits = triton.cdiv(groups, per_split)
+    dx = _empty(shape, dtype, g_op[0].device)
+    g, g_lo, split_g = g_op
+    w, w_lo, split_w = w_op if w_op is not None else (g, 0, False)
+    LAST_COMPILED["grad_input"] = _grad_input_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
+        g, w, dx,
+        BH, n, d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m, layout.total, per_split,
+        w_lo, g_lo, triton.cdiv(d, BD), splits, P=layout.p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg, SPLIT_W=split_w, SPLIT_G=split_g,
+        PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED, num_warps=DX_WARPS, num_stages=DX_STAGES,
     )
     return dx
 
 
 def _grad_weight(x, g, layout: Layout):
+    """dW_cat (fp32) from x [B, H, n, d] and dS g [B*H, T, d] (x's dtype)."""
     B, H, n, d = x.shape
-    BH, p = B * H, layout.p
+    BH = B * H
     ntop = n // layout.top
-    LP = triton.next_power_of_2(layout.num_levels * p)
-    BT = _pow2_divisor(layout.m, DW_BT)
-    BD = min(DW_BD, triton.next_power_of_2(d))
-    tiles = (layout.top // BT) * triton.cdiv(d, BD)
-    pairs = BH * ntop
-    splits = max(1, min(pairs // 8, triton.cdiv(_target_programs(x), tiles)))
-    per_split = triton.cdiv(pairs, splits)
-    splits = triton.cdiv(pairs, per_split)
-    dw = torch.zeros(p * d * sum(layout.widths), dtype=torch.float32, device=x.device)
-    LAST_COMPILED["grad_weight"] = _grad_weight_kernel[(layout.top // BT, triton.cdiv(d, BD), splits)](
+    LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, DW_E, DW_BD, DW_TOK)
+    tiles = (layout.top // TOK) * triton.cdiv(d, BD)
+    groups = triton.cdiv(BH * ntop, E)
+    splits = min(groups, triton.cdiv(_target_programs(x), tiles))  # each split: one set of atomics
+    per_split = triton.cdiv(groups, splits)
+    splits = triton.cdiv(groups, per_split)
+    dw = torch.zeros(layout.p * d * sum(layout.widths), dtype=torch.float32, device=x.device)
+    LAST_COMPILED["grad_weight"] = _grad_weight_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
         x, g, dw, H, BH, *x.stride(), d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m,
-        layout.total, per_split, P=p, LP=LP, BT=BT, BD=BD, num_warps=DW_WARPS,
+        layout.total, per_split, triton.cdiv(d, BD), splits, P=layout.p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT,
+        PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED, num_warps=DW_WARPS, num_stages=DW_STAGES,
     )
     return dw
 
@@ -390,39 +525,38 @@ def _grad_weight(x, g, layout: Layout):
 class _FusedDownsample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_cat, b_cat, scale, layout, avg):
-        out = _forward(x, w_cat, b_cat, scale, layout, avg)
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w_cat, scale)
+        w_op = None if w_cat is None else _operand(w_cat, x.dtype)
+        out = _forward(x, w_op, b_cat, scale, layout, avg)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, None if w_op is None else w_op[0], scale)
+        ctx.w_meta = None if w_op is None else (w_op[1], w_op[2], w_cat.dtype)
         ctx.layout, ctx.avg, ctx.x_meta = layout, avg, (x.shape, x.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w_cat, scale = ctx.saved_tensors
+        x, w, scale = ctx.saved_tensors
         layout, avg = ctx.layout, ctx.avg
-        B, H, n, d = ctx.x_meta[0]
-        g = grad.reshape(B * H, layout.total, d)
-        if not g.is_contiguous():
-            g = g.contiguous()
+        (B, H, n, d), dtype = ctx.x_meta
+        g = grad.reshape(B * H, layout.total, d).to(dtype).contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            g_in = g
-            if avg:  # the scale is part of the (fixed) weights: fold it into the gradient
+            if avg:  # the summary scales are part of the (fixed) weights: fold them into dS
                 if scale is not None:
-                    g_in = g.view(B, H, layout.total, d) * scale[:, None, :, None]
+                    g_in = g.view(B, H, layout.total, d).float() * scale[:, None, :, None]
                 else:
-                    per_summary = torch.cat([
-                        torch.full((n // w * layout.p,), layout.p / w, device=g.device) for w in layout.widths
-                    ])
-                    g_in = g * per_summary[:, None]
-                g_in = g_in.reshape(B * H, layout.total, d).to(torch.float32)
-            dx = _grad_input(g_in, w_cat, layout, avg, (B, H, n, d), ctx.x_meta[1])
+                    g_in = g.float() * _summary_tables(layout, g.device)[1][:, None]
+                g_op = _operand(g_in, dtype)
+                w_op = None
+            else:
+                g_op = (g, 0, False)
+                w_op = (w, ctx.w_meta[0], ctx.w_meta[1])
+            dx = _grad_input(g_op, w_op, layout, avg, (B, H, n, d), dtype)
         if ctx.needs_input_grad[1]:
-            dw = _grad_weight(x, g, layout).to(w_cat.dtype)
+            dw = _grad_weight(x, g, layout).to(ctx.w_meta[2])
         if ctx.needs_input_grad[2]:
-            db = torch.cat([
-                g[:, layout.offsets[i]:layout.offsets[i + 1]].unflatten(1, (-1, layout.p)).sum((0, 1), dtype=torch.float32)
-                .reshape(-1) for i in range(layout.num_levels)
-            ]).to(w_cat.dtype if w_cat is not None else torch.float32)
+            rows = _summary_tables(layout, g.device)[0]
+            db = torch.zeros(layout.num_levels * layout.p, d, dtype=torch.float32, device=g.device)
+            db = db.index_add_(0, rows, g.sum(0, dtype=torch.float32)).reshape(-1).to(ctx.w_meta[2])
         return dx, dw, db, None, None, None
 
 
@@ -459,12 +593,9 @@ def fused_summaries(
 
 def split_levels(buffer: torch.Tensor, block_size: int, rank: int) -> list[torch.Tensor]:
     """Per-level views [B, H, (n / w_l) * p, d] of a buffer from `fused_summaries` (n from its size)."""
-    sizes = []
-    total, n = buffer.shape[2], None
-    # T = p * (2n/m - 4): solve for n.
-    n = (total // rank + 4) * block_size // 2
-    layout = Layout.of(n, block_size, rank)
-    assert layout.total == total
+    total = buffer.shape[2]
+    layout = Layout.of((total // rank + 4) * block_size // 2, block_size, rank)  # T = p * (2n / m - 4)
+    assert layout.total == total, f"{total} summaries fit no valid length for block_size {block_size}, rank {rank}"
     sizes = [layout.offsets[i + 1] - layout.offsets[i] for i in range(layout.num_levels)]
     return list(buffer.split(sizes, dim=2))
 
@@ -475,10 +606,12 @@ def split_levels(buffer: torch.Tensor, block_size: int, rank: int) -> list[torch
 
 
 def benchmark_downsample(n=65536, batch=2, heads=8, d=64, m=64, p=2, dtype=torch.bfloat16, kind="groupedconv"):
-    """Median forward+backward milliseconds of the fused and the torch path of `Downsample` on CUDA.
+    """Median milliseconds (triton.testing.do_bench) of `Downsample` on CUDA, fused vs torch path.
 
-    The input is a non-contiguous view [batch, heads, n, d] of a qkv-like projection, as in the model.
-    Returns {"fused_ms", "torch_ms", "fused_fwd_ms", "torch_fwd_ms", "floor_fwd_bwd_ms"}.
+    The input is a non-contiguous view [batch, heads, n, d] of a qkv-like projection, as in the model;
+    gradients are taken with torch.autograd.grad (w.r.t. x and the parameters, nothing accumulated).
+    Returns {"fused_ms", "torch_ms"} (forward + backward), {"fused_fwd_ms", "torch_fwd_ms"} and
+    "floor_fwd_bwd_ms" (x read twice, dx written, summaries written and read, at 4.3 TB/s).
     """
     from triton.testing import do_bench
 
@@ -490,8 +623,8 @@ def benchmark_downsample(n=65536, batch=2, heads=8, d=64, m=64, p=2, dtype=torch
         for param in module.parameters():
             param.add_(0.01 * torch.randn_like(param))
     qkv = torch.randn(batch, n, 3, heads, d, device=device, dtype=dtype)
-    x = qkv[:, :, 1].permute(0, 2, 1, 3).requires_grad_()  # non-contiguous, like fma/multipole.py
-    x = x.detach().requires_grad_()
+    x = qkv[:, :, 1].permute(0, 2, 1, 3).detach().requires_grad_()  # non-contiguous, like fma/multipole.py
+    wrt = [x, *module.parameters()]
     layout = Layout.of(n, m, p)
     grad = torch.randn(batch, heads, layout.total, d, device=device, dtype=dtype)
     results = {}
@@ -502,7 +635,7 @@ def benchmark_downsample(n=65536, batch=2, heads=8, d=64, m=64, p=2, dtype=torch
         def fwd_bwd():
             out = fwd()
             grads = [g.to(o.dtype) for g, o in zip(split_levels(grad, m, p), out)]
-            torch.autograd.backward(out, grads)
+            torch.autograd.grad(out, wrt, grads)
 
         results[f"{name}_fwd_ms"] = do_bench(fwd, return_mode="median")
         results[f"{name}_ms"] = do_bench(fwd_bwd, return_mode="median")

@@ -23,26 +23,32 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
 
-# (kind, n, block_size m, rank p, padding, forward chunk or None for the automatic one, trainable)
+# Tile sizes that split d into several channel blocks and the (head, top cell) pairs into several
+# groups with a masked tail (with 3 heads: 24 pairs in groups of 16).
+SMALL_TILES = dict(FWD_E=16, FWD_BD=8, FWD_TOK=8, DX_E=16, DX_BD=8, DX_TOK=8, DW_E=16, DW_BD=8, DW_TOK=8)
+# (kind, n, block_size m, rank p, padding, forward chunk or None for the automatic one, trainable, options)
 CPU_CASES = [
-    ("groupedconv", 64, 16, 1, False, None, True),
-    ("groupedconv", 64, 8, 2, True, None, True),
-    ("groupedconv", 128, 16, 3, False, None, True),
-    ("groupedconv", 128, 8, 2, True, 32, True),
-    ("groupedconv", 256, 8, 3, False, 8, True),
-    ("groupedconv", 256, 16, 2, True, 64, True),
-    ("groupedconv", 128, 8, 2, False, None, False),  # frozen basis: only the input gradient
-    ("avgpool", 64, 8, 2, True, None, True),
-    ("avgpool", 128, 16, 1, False, 16, True),
-    ("avgpool", 256, 8, 4, True, None, True),
+    ("groupedconv", 64, 16, 1, False, None, True, {}),
+    ("groupedconv", 64, 8, 2, True, None, True, {}),
+    ("groupedconv", 128, 16, 3, False, None, True, {}),
+    ("groupedconv", 128, 8, 2, True, 32, True, {}),
+    ("groupedconv", 256, 8, 3, False, 8, True, {}),
+    ("groupedconv", 256, 16, 2, True, 64, True, {}),
+    ("groupedconv", 128, 8, 2, False, None, False, {}),  # frozen basis: only the input gradient
+    ("groupedconv", 128, 16, 2, True, None, True, {"heads": 3, "tiles": SMALL_TILES}),
+    ("groupedconv", 192, 48, 2, False, None, True, {}),  # m not a power of two: 16-token tiles
+    ("avgpool", 64, 8, 2, True, None, True, {}),
+    ("avgpool", 128, 16, 1, False, 16, True, {}),
+    ("avgpool", 256, 8, 4, True, None, True, {"heads": 3, "tiles": SMALL_TILES}),
 ]
 BATCH, HEADS, HEAD_DIM = 2, 2, 16
 CPU_TOLERANCE = 1e-5
 
 
 def case_id(case) -> str:
-    kind, n, m, p, padded, chunk, trainable = case
-    return f"{kind}-n{n}-m{m}-p{p}-{'pad' if padded else 'nopad'}-chunk{chunk}{'' if trainable else '-frozen'}"
+    kind, n, m, p, padded, chunk, trainable, options = case
+    return (f"{kind}-n{n}-m{m}-p{p}-{'pad' if padded else 'nopad'}-chunk{chunk}{'' if trainable else '-frozen'}"
+            f"{'-h' + str(options['heads']) if 'heads' in options else ''}{'-small-tiles' if 'tiles' in options else ''}")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -88,14 +94,17 @@ def check_cpu_case(case) -> dict[str, float]:
     """Fused (interpreter) vs torch path on one case: {tensor name: relative error}."""
     from fma import triton_downsample
 
-    kind, n, m, p, padded, chunk, trainable = case
+    kind, n, m, p, padded, chunk, trainable, options = case
     generator = torch.Generator().manual_seed(zlib.crc32(case_id(case).encode()))
     module = Downsample(kind, head_dim=HEAD_DIM, block_size=m, rank=p, max_seq_len=n)
     randomise(module, generator)
     module.requires_grad_(trainable)
-    x = qkv_view(generator, BATCH, HEADS, n, HEAD_DIM)
+    x = qkv_view(generator, BATCH, options.get("heads", HEADS), n, HEAD_DIM)
     mask = padding_mask(generator, BATCH, n) if padded else None
     triton_downsample.FORWARD_CHUNK = chunk
+    defaults = {name: getattr(triton_downsample, name) for name in options.get("tiles", {})}
+    for name, value in options.get("tiles", {}).items():
+        setattr(triton_downsample, name, value)
     probe, _ = module(x, mask, fused=False)
     grads = [torch.randn(s.shape, generator=generator) for s in probe]
     expected, _, counts_ref = outputs_and_gradients(module, x, mask, grads, fused=False)
@@ -106,6 +115,8 @@ def check_cpu_case(case) -> dict[str, float]:
     errors = {name: relative_error(actual[name], expected[name]) for name in expected}
     if counts is not None:
         errors["counts"] = max(relative_error(a, b) for a, b in zip(counts, counts_ref))
+    for name, value in defaults.items():
+        setattr(triton_downsample, name, value)
     return errors
 
 
@@ -124,7 +135,7 @@ def interpreter_results():
 def test_fused_matches_torch_path_under_interpreter(interpreter_results, case):
     errors = interpreter_results[case_id(case)]
     assert "error" not in errors, errors.get("error")
-    _, _, _, _, _, _, trainable = case
+    trainable = case[6]
     assert "dx" in errors and any(name.startswith("level") for name in errors)
     assert trainable == any(name.startswith("d weight") for name in errors) or case[0] == "avgpool"
     bad = {name: err for name, err in errors.items() if not err <= CPU_TOLERANCE}
