@@ -55,8 +55,9 @@ OPTION_ALIASES = {"m": "block_size", "p": "rank", "w": "window"}
 # Keys the sweep sets itself (equal budget); --overrides may not change them.
 CONTROLLED = {"data.seq_len", "data.batch_size", "trainer.accumulate_grad_batches", "trainer.max_steps", "seed",
               "trainer.val_check_interval", "hydra.run.dir", "hydra.sweep.dir", "model"}
-# Every point: no progress bar in the point's log files.
-QUIET = ["trainer.enable_progress_bar=false", "~callbacks.progress_bar"]
+# Every point: no progress bar in its log files, and only best.ckpt (the test needs it; an interrupted
+# point restarts from scratch, so last.ckpt would only fill the disk).
+POINT_DEFAULTS = ["trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.last_checkpoint"]
 METRIC_LABELS = {"bpc": "test bits per character", "ppl": "test perplexity", "acc": "test accuracy (scored tokens)"}
 SKIP_THROUGHPUT_STEPS = 3  # tokens/s: median over the logged steps after the first few (warm-up, compilation)
 
@@ -221,7 +222,7 @@ def plan_points(series: list[Series], lengths: list[int], budget: Budget, overri
                          f"callbacks.last_checkpoint.every_n_train_steps={budget.val_every}",
                          f"trainer.log_every_n_steps={max(1, min(10, budget.steps // 20))}", f"seed={seed}"]
                 points.append(Point(one, seq_len, seed, batch, accumulate,
-                                    merge_overrides(one.overrides(), shape, QUIET, overrides)))
+                                    merge_overrides(one.overrides(), shape, POINT_DEFAULTS, overrides)))
     return points
 
 
