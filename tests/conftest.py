@@ -21,6 +21,14 @@ TINY = [
 ]
 
 
+def require_shared(*parts: str) -> Path:
+    """A file of ../shared/data; skips the test where the checkout has no shared/ beside it (CI has one)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path}")
+    return path
+
+
 def compose_config(tmp_path: Path, overrides: list[str], tiny: bool = True):
     """The configuration train.py would see, with outputs and caches under tmp_path."""
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):

@@ -19,9 +19,9 @@ from tokenizers import Tokenizer
 import data
 from data import Enwik8DataModule, SyntheticDataModule, TextDataModule, WikiText103DataModule
 from data.cache import atomic_path
+from conftest import require_shared
 from fma.errors import ConfigurationError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPLIT_BYTES = (900, 50, 50)  # enwik8's layout, 10^5 times smaller
 WIKI_FILES = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
 
@@ -249,7 +249,7 @@ def test_lightning_resume_sees_the_uninterrupted_batches(tmp_path):
 
 
 def test_text_byte_split_is_contiguous_by_fractions(tmp_path):
-    source = SHARED / "tinyshakespeare.txt"
+    source = require_shared("tinyshakespeare.txt")
     content = source.read_bytes()
     module = prepared(TextDataModule(**small(tmp_path, path=str(source))))
     assert len(content) == 1_115_394  # cut at round(N * 0.9) and round(N * 0.95):
@@ -261,7 +261,7 @@ def test_text_byte_split_is_contiguous_by_fractions(tmp_path):
 
 
 def test_text_bpe_round_trips_every_split(tmp_path):
-    text = (SHARED / "tinyshakespeare.txt").read_text()[:200_000] + "naïve café — ünïcödé\r\n"
+    text = require_shared("tinyshakespeare.txt").read_text()[:200_000] + "naïve café — ünïcödé\r\n"
     source = tmp_path / "small.txt"
     source.write_bytes(text.encode())
     module = prepared(TextDataModule(**small(tmp_path, path=str(source), tokenizer="bpe", vocab_size=400)))
@@ -279,8 +279,8 @@ def test_text_bpe_round_trips_every_split(tmp_path):
 def wiki_dir(tmp_path_factory) -> Path:
     """wiki.*.tokens: ~300 KB train and ~60 KB valid from WikiText-2's valid, ~60 KB test from its test."""
     directory = tmp_path_factory.mktemp("wikitext")
-    valid_lines = (SHARED / "wikitext-2" / "valid.txt").read_text().splitlines(keepends=True)
-    test_lines = (SHARED / "wikitext-2" / "test.txt").read_text().splitlines(keepends=True)
+    valid_lines = (require_shared("wikitext-2", "valid.txt")).read_text().splitlines(keepends=True)
+    test_lines = (require_shared("wikitext-2", "test.txt")).read_text().splitlines(keepends=True)
     for name, lines in zip(WIKI_FILES, (valid_lines[:1200], valid_lines[1200:1450], test_lines[:250])):
         (directory / name).write_text("".join(lines))
     return directory
@@ -328,7 +328,7 @@ def test_wikitext_cache_is_reused_and_a_changed_source_is_rebuilt(wiki_module, w
 
 
 def test_wikitext_reads_raw_files_and_the_hub_export(tmp_path, monkeypatch):
-    lines = (SHARED / "wikitext-2" / "valid.txt").read_text().splitlines(keepends=True)
+    lines = (require_shared("wikitext-2", "valid.txt")).read_text().splitlines(keepends=True)
     texts = {"train": lines[:300], "valid": lines[300:360], "test": lines[360:420]}
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -454,13 +454,13 @@ def test_enwik8_download_is_checked_and_kept(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("fractions", [(0.5, 0.5), (0.9, 0.1, 0.0), (0.8, 0.1, 0.2), (1.1, -0.05, -0.05)])
 def test_text_bad_fractions(tmp_path, fractions):
-    source = str(SHARED / "tinyshakespeare.txt")
+    source = str(require_shared("tinyshakespeare.txt"))
     assert "data.split_fractions=" in failure(TextDataModule, tmp_path, path=source, split_fractions=fractions)
 
 
 def test_text_missing_file_and_unknown_tokenizer(tmp_path):
     assert "data.path=" in failure(TextDataModule, tmp_path, path=str(tmp_path / "nope.txt"))
-    source = str(SHARED / "tinyshakespeare.txt")
+    source = str(require_shared("tinyshakespeare.txt"))
     assert "data.tokenizer=" in failure(TextDataModule, tmp_path, path=source, tokenizer="wordpiece")
 
 
