@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import fma
-from benchlib import VARIANTS, environment, markdown_table, measure, plot_against_length, variant_options, write_reports
+from benchlib import VARIANTS, environment, length_table, measure, plot_against_length, variant_options, write_reports
 
 def layer_step(kind: str, options: dict, seq_len: int, batch: int, dim: int, heads: int, causal: bool):
     """A closure running one forward+backward of a fresh layer on fresh random bf16 input."""
@@ -64,28 +64,15 @@ def main():
     name = "causal" if not args.bidirectional else "bidirectional"
     env["setting"] = (f"{name}, bf16, {args.heads} heads, head dim {args.dim // args.heads}, {args.tokens} tokens "
                       f"per batch, fwd+bwd of one layer incl. projections, median of {args.repeats} CUDA-event timings")
-    lengths = sorted({row["seq_len"] for row in rows})
-    header = ["variant"] + [f"{n // 1024}K" for n in lengths]
-
-    def cell(label, n, key, fmt):
-        row = next(r for r in rows if r["variant"] == label and r["seq_len"] == n)
-        return fmt.format(row[key]) if row[key] is not None else row["error"]
-
-    table = "### time (ms, fwd+bwd)\n\n" + markdown_table(
-        header, [[label] + [cell(label, n, "ms", "{:.2f}") for n in lengths] for label in args.variants])
-    table += "\n\n### peak memory (GiB)\n\n" + markdown_table(
-        header, [[label] + [cell(label, n, "peak_gib", "{:.2f}") for n in lengths] for label in args.variants])
+    table = "### time (ms, fwd+bwd)\n\n" + length_table(rows, args.variants, "ms", "{:.2f}")
+    table += "\n\n### peak memory (GiB)\n\n" + length_table(rows, args.variants, "peak_gib", "{:.2f}")
     full = next((v for v in args.variants if VARIANTS[v][0] == "full"), None)
     if full:
-        speedups = []
-        for label in args.variants:
-            if label != full:
-                speedups.append([label] + [
-                    "{:.1f}x".format(f["ms"] / r["ms"]) if f["ms"] and r["ms"] else "-"
-                    for n in lengths
-                    for f, r in [(next(x for x in rows if x["variant"] == full and x["seq_len"] == n),
-                                  next(x for x in rows if x["variant"] == label and x["seq_len"] == n))]])
-        table += f"\n\n### speed-up over {full}\n\n" + markdown_table(header, speedups)
+        full_ms = {row["seq_len"]: row["ms"] for row in rows if row["variant"] == full}
+        speedups = [{**row, "speedup": full_ms[row["seq_len"]] / row["ms"] if full_ms[row["seq_len"]] and row["ms"]
+                     else None, "error": "-"} for row in rows]
+        others = [v for v in args.variants if v != full]
+        table += f"\n\n### speed-up over {full}\n\n" + length_table(speedups, others, "speedup", "{:.1f}x")
     write_reports(args.out, f"attention_{name}", rows, env, table)
     plot_against_length(args.out / f"attention_{name}.png", rows, "variant",
                         [("ms", "fwd+bwd time (ms)"), ("peak_gib", "peak memory (GiB)")])

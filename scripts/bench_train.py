@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchlib import VARIANTS, environment, markdown_table, measure, plot_against_length, variant_options, write_reports
+from benchlib import VARIANTS, environment, length_table, markdown_table, measure, plot_against_length, variant_options, write_reports
 from models import TransformerLM
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet
@@ -78,17 +78,8 @@ def main():
             shown = f"{row['tokens_per_s']:,.0f} tok/s, {row['peak_gib']:.2f} GiB" if row["ms"] else row["error"]
             print(f"{seq_len:>7} x{batch:<4} {label:<16} {shown}", flush=True)
 
-    lengths = sorted({row["seq_len"] for row in rows})
-    header = ["variant"] + [f"{n // 1024}K" for n in lengths]
-
-    def cell(label, n, key, fmt):
-        row = next(r for r in rows if r["variant"] == label and r["seq_len"] == n)
-        return fmt.format(row[key]) if row[key] is not None else row["error"]
-
-    table = "### tokens/s\n\n" + markdown_table(
-        header, [[v] + [cell(v, n, "tokens_per_s", "{:,.0f}") for n in lengths] for v in args.variants])
-    table += "\n\n### peak memory (GiB)\n\n" + markdown_table(
-        header, [[v] + [cell(v, n, "peak_gib", "{:.2f}") for n in lengths] for v in args.variants])
+    table = "### tokens/s\n\n" + length_table(rows, args.variants, "tokens_per_s", "{:,.0f}")
+    table += "\n\n### peak memory (GiB)\n\n" + length_table(rows, args.variants, "peak_gib", "{:.2f}")
     full = [r for r in rows if r["mfu"] is not None]
     if full:
         table += "\n\n### model FLOPs utilisation of full attention\n\n" + markdown_table(

@@ -2,6 +2,7 @@
 
 import csv
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -38,12 +39,20 @@ def cpu_name() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict:
     """Hardware, software, date and the exact command: every reported number carries these."""
     return {
         "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "triton": triton_version(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -98,6 +107,20 @@ def markdown_table(header: list[str], body: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in body]
     return "\n".join(lines)
+
+
+def length_table(rows: list[dict], variants: list[str], key: str, fmt: str) -> str:
+    """Markdown table of rows[key]: one row per variant, one column per sequence length; a failed
+    point shows its error (e.g. OOM)."""
+    lengths = sorted({row["seq_len"] for row in rows})
+    by_point = {(row["variant"], row["seq_len"]): row for row in rows}
+
+    def cell(variant, n):
+        row = by_point[variant, n]
+        return fmt.format(row[key]) if row[key] is not None else row["error"]
+
+    return markdown_table(["variant"] + [f"{n // 1024}K" for n in lengths],
+                          [[variant] + [cell(variant, n) for n in lengths] for variant in variants])
 
 
 def plot_against_length(path: Path, rows: list[dict], series_key: str, metrics: list[tuple[str, str]]) -> None:
