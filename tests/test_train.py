@@ -144,3 +144,22 @@ def test_text_data_byte_level_bpc_falls(tmp_path):
     bpc = list(val_bpc.values())
     assert bpc[0] > bpc[1] > bpc[2] and bpc[2] < 5.5   # an untrained model scores above 8 bits
     assert results["test/bpc"] == pytest.approx(results["test/loss"] / math.log(2), rel=1e-5)
+
+
+def test_tensorboard_logger_writes_event_files(tmp_path):
+    train(compose_config(tmp_path, ["logger=tensorboard", "test=false", "trainer.max_steps=3"]))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_wandb_is_offline_without_credentials_and_online_with_them(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from train import build_loggers
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))   # no ~/.netrc
+    cfg = compose_config(tmp_path, ["logger=wandb"])
+    [logger] = build_loggers(cfg)
+    assert logger._offline is True
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    [logger] = build_loggers(cfg)
+    assert logger._offline is False   # constructing the logger starts no run and touches no network
