@@ -91,6 +91,16 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, objective):
     assert resumed == {step: uninterrupted[step] for step in resumed}
 
 
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+@pytest.mark.parametrize("kind", GROUP_OPTIONS["model"])
+def test_every_attention_kind_trains_through_train_py(tmp_path, kind, objective):
+    """Each kind with its config's own defaults, both objectives: training and validation run and the
+    validation loss is finite and below that of a uniform guess over the 16 symbols (ln 16)."""
+    results = train(compose_config(tmp_path, [f"model={kind}", f"objective={objective}", "test=false",
+                                              "trainer.max_steps=4", "trainer.val_check_interval=4"]))
+    assert math.isfinite(results["val/loss"]) and results["val/loss"] < math.log(16) + 1
+
+
 def test_checkpoint_of_another_shape_is_refused(tmp_path, tiny_run):
     _, _, run_dir = tiny_run
     last = run_dir / "checkpoints" / "last.ckpt"
