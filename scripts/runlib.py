@@ -313,7 +313,7 @@ def count_parameters(run_dir: Path) -> tuple[int | None, str]:
         import hydra
         import torch
 
-        checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True,
+        checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True,
                                 mmap=True)
         config, state = checkpoint["hyper_parameters"]["config"], checkpoint["state_dict"]
         vocab_size = state["net.embedding.weight"].shape[0] - 1  # one extra row: the mask token
