@@ -91,7 +91,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (
             trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
         trainer_cfg = OmegaConf.merge(trainer_cfg, {"precision": "bf16-mixed" if on_gpu else "32-true"})
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [hydra.utils.instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()
+                 if name != "progress_bar" or trainer_cfg.get("enable_progress_bar", True)]
     trainer = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=build_loggers(cfg))
 
     if cfg.ckpt_path:

@@ -15,7 +15,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # A model and run small enough for a CPU test; data=synthetic needs no file and no network.
 TINY = [
     "trainer=cpu", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "trainer.enable_model_summary=false",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     "model.dim=32", "model.depth=1", "model.num_heads=2", "data.seq_len=32", "data.batch_size=4",
     "optim.warmup_steps=2",
 ]
