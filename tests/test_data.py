@@ -197,6 +197,19 @@ def test_ranks_read_disjoint_items_in_global_order(tmp_path):
             assert torch.equal(batch["tokens"], expected)
 
 
+def test_ranks_share_the_test_windows_without_repeats(tmp_path):
+    """Across 3 ranks every test window is scored exactly once (uneven shards, no padding repeats)."""
+    module = prepared(enwik8_module(tmp_path, seq_len=16), "test")
+    everything = torch.cat([batch["tokens"] for batch in module.test_dataloader()])
+    shards = []
+    for rank in range(3):
+        module.trainer = fake_trainer(global_rank=rank, world_size=3)
+        shards.append(torch.cat([batch["tokens"] for batch in module.test_dataloader()]))
+    assert sum(len(shard) for shard in shards) == len(everything)
+    merged = torch.cat(shards)
+    assert sorted(map(tuple, merged.tolist())) == sorted(map(tuple, everything.tolist()))
+
+
 def test_workers_do_not_change_the_batches(tmp_path):
     serial = take(prepared(enwik8_module(tmp_path, seq_len=16), "fit").train_dataloader(), 4)
     parallel = take(prepared(enwik8_module(tmp_path, seq_len=16, num_workers=2), "fit").train_dataloader(), 4)
