@@ -37,16 +37,16 @@ class LanguageModelModule(L.LightningModule):
         if compile:
             self.net.compile()
 
-    def _nll(self, batch, generator=None):
-        """Summed NLL, scored-token count and correct count for one batch."""
+    def _logits_and_targets(self, batch, generator=None):
+        """fp32 logits [batch, seq, vocab] and targets [batch, seq] (IGNORE where nothing is scored)."""
         inputs, targets = self.objective(
             batch, mask_token_id=self.net.mask_token_id, vocab_size=self.net.vocab_size, generator=generator
         )
-        logits = self.net(inputs).float()
-        nll_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-        scored = targets != IGNORE
-        correct = ((logits.argmax(-1) == targets) & scored).sum()
-        return nll_sum, scored.sum(), correct
+        return self.net(inputs).float(), targets
+
+    @staticmethod
+    def _nll_sum(logits, targets):
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
     def on_train_batch_start(self, batch, batch_idx):
         # Every random draw of a step (dropout, masking) is a function of (seed, step, rank), so a
@@ -54,15 +54,17 @@ class LanguageModelModule(L.LightningModule):
         torch.manual_seed(hash((self.seed, self.global_step, self.global_rank)) % 2**63)
 
     def training_step(self, batch, batch_idx):
-        nll_sum, token_count, _ = self._nll(batch)
-        loss = nll_sum / token_count.clamp(min=1)
+        logits, targets = self._logits_and_targets(batch)
+        loss = self._nll_sum(logits, targets) / (targets != IGNORE).sum().clamp(min=1)  # a batch may score nothing
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def _eval_step(self, batch, batch_idx, metric):
         # Masked LM draws the same masks at every evaluation: a generator seeded by the batch index.
         generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + batch_idx)
-        metric.update(*self._nll(batch, generator))
+        logits, targets = self._logits_and_targets(batch, generator)
+        scored = targets != IGNORE
+        metric.update(self._nll_sum(logits, targets), scored.sum(), ((logits.argmax(-1) == targets) & scored).sum())
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, self.val_metric)
