@@ -8,13 +8,13 @@ amount of token work and differs only in how attention scales with length.
     python scripts/bench_attention.py --kinds full fma --lengths 1024 65536
 """
 
-import argparse
 from pathlib import Path
 
 import torch
 
 import fma
-from benchlib import VARIANTS, environment, length_table, measure, plot_against_length, variant_options, write_reports
+from benchlib import (VARIANTS, benchmark_parser, environment, length_table, measure, plot_against_length,
+                      require_cuda, variant_options, write_reports)
 
 def layer_step(kind: str, options: dict, seq_len: int, batch: int, dim: int, heads: int, causal: bool):
     """A closure running one forward+backward of a fresh layer on fresh random bf16 input."""
@@ -32,18 +32,11 @@ def layer_step(kind: str, options: dict, seq_len: int, batch: int, dim: int, hea
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--lengths", nargs="+", type=int, default=[2**k for k in range(10, 18)])
-    parser.add_argument("--tokens", type=int, default=131072, help="tokens per batch (batch = tokens / length)")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
+    parser = benchmark_parser(__doc__, lengths=[2**k for k in range(10, 18)], tokens=131072,
+                              tokens_help="tokens per batch (batch = tokens / length)", out="benchmarks/attention")
     parser.add_argument("--bidirectional", action="store_true")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/attention"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_attention.py needs a CUDA GPU")
+    require_cuda("bench_attention.py")
     env = environment()
     rows = []
     for seq_len in args.lengths:

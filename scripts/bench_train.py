@@ -9,13 +9,13 @@ attention scores and values, over the H200's dense bf16 peak of 989 TFLOP/s).
     python scripts/bench_train.py --out benchmarks/train
 """
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchlib import VARIANTS, environment, length_table, markdown_table, measure, plot_against_length, variant_options, write_reports
+from benchlib import (VARIANTS, benchmark_parser, environment, length_table, markdown_table, measure, plot_against_length,
+                      require_cuda, variant_options, write_reports)
 from models import TransformerLM
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet
@@ -42,18 +42,11 @@ def train_step(kind, options, seq_len, batch, depth, dim, heads, vocab_size=256)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384, 65536])
-    parser.add_argument("--tokens", type=int, default=65536, help="tokens per optimizer step")
+    parser = benchmark_parser(__doc__, lengths=[1024, 4096, 16384, 65536], tokens=65536,
+                              tokens_help="tokens per optimizer step", out="benchmarks/train")
     parser.add_argument("--depth", type=int, default=6)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/train"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_train.py needs a CUDA GPU")
+    require_cuda("bench_train.py")
     env = environment()
     env["setting"] = (f"{args.depth} layers, d_model {args.dim}, {args.heads} heads, vocab 256, bf16 autocast, "
                       f"fused AdamW, {args.tokens} tokens per step, median of {args.repeats} steps")

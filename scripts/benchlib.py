@@ -1,5 +1,6 @@
 """What the benchmark scripts share: timing, OOM-tolerant runs, provenance and report files."""
 
+import argparse
 import csv
 import datetime
 import importlib.metadata
@@ -28,6 +29,26 @@ VARIANTS = {
 def variant_options(kind: str, options: dict, seq_len: int) -> dict:
     """Options for one length: FMA's learned basis must cover it."""
     return {**options, "max_seq_len": seq_len} if kind == "fma" else dict(options)
+
+
+def benchmark_parser(doc: str, *, lengths: list[int], tokens: int, tokens_help: str, out: str):
+    """The arguments every benchmark takes; a script adds its own before parse_args()."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--lengths", nargs="+", type=int, default=lengths)
+    parser.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser
+
+
+def require_cuda(script: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU")
 
 
 def cpu_name() -> str:
