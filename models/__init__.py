@@ -1,10 +1,10 @@
 """The language model, its objectives, metric, callbacks and LightningModule."""
 
-from .callbacks import AtomicCheckpointIO, ThroughputMonitor
+from .callbacks import AtomicCheckpointIO, ExclusiveDevice, ThroughputMonitor
 from .lit_module import LanguageModelModule
 from .metrics import LanguageModelMetric
 from .objectives import IGNORE, CausalLM, MaskedLM
 from .transformer import TransformerLM
 
-__all__ = ["AtomicCheckpointIO", "IGNORE", "CausalLM", "LanguageModelMetric", "LanguageModelModule", "MaskedLM",
+__all__ = ["AtomicCheckpointIO", "ExclusiveDevice", "IGNORE", "CausalLM", "LanguageModelMetric", "LanguageModelModule", "MaskedLM",
            "ThroughputMonitor", "TransformerLM"]

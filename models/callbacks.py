@@ -1,5 +1,7 @@
-"""Throughput and memory in the logs and the progress bar; crash-safe checkpoint writing."""
+"""Throughput and memory in the logs and the progress bar; crash-safe checkpoint writing; taking turns
+on a shared GPU."""
 
+import fcntl
 import os
 import resource
 import sys
@@ -49,3 +51,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
+
+
+class ExclusiveDevice(L.Callback):
+    """Holds an exclusive lock on `lock_path` while fitting and while testing, so that runs sharing one
+    GPU take turns on it: each one's tokens/s is its own, while process start-up and data preparation
+    overlap. The operating system drops the lock when the process ends, however it ends."""
+
+    def __init__(self, lock_path: str):
+        self.lock_path = lock_path
+        self._lock = None
+
+    def setup(self, trainer, pl_module, stage):
+        self._lock = open(self.lock_path, "a")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+
+    def teardown(self, trainer, pl_module, stage):
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None

@@ -204,8 +204,12 @@ class Point:
         digest = hashlib.sha1(self.key.encode()).hexdigest()[:8]
         return f"{slug}_n{self.seq_len}_s{self.seed}_{digest}"
 
-    def command(self, run_dir: Path) -> list[str]:
-        return [sys.executable, str(TRAIN), *self.overrides, f"hydra.run.dir={hydra_value(run_dir)}"]
+    def command(self, run_dir: Path, device_lock: Path | None = None) -> list[str]:
+        """train.py with this point's overrides; with `device_lock`, fitting and testing take turns on it."""
+        turns = [] if device_lock is None else [
+            "+callbacks.exclusive_device._target_=models.ExclusiveDevice",
+            f"+callbacks.exclusive_device.lock_path={hydra_value(device_lock)}"]
+        return [sys.executable, str(TRAIN), *self.overrides, *turns, f"hydra.run.dir={hydra_value(run_dir)}"]
 
 
 def plan_points(series: list[Series], lengths: list[int], budget: Budget, overrides: list[str]) -> list[Point]:
@@ -334,13 +338,15 @@ def count_parameters(run_dir: Path) -> tuple[int | None, str]:
     return None, "unknown"
 
 
-def run_point(point: Point, out_dir: Path, timeout_s: float | None, gpu: str | None = None) -> dict | None:
-    """Run one point to its end; its record, or None when the sweep is being stopped."""
+def run_point(point: Point, out_dir: Path, timeout_s: float | None, gpu: str | None = None,
+              shared_gpu: bool = False) -> dict | None:
+    """Run one point to its end; its record, or None when the sweep is being stopped. With
+    `shared_gpu`, points on that GPU fit and test one at a time (models.ExclusiveDevice)."""
     run_dir = out_dir / "points" / point.name
     if run_dir.exists():  # an unfinished attempt of an interrupted sweep: start the point afresh
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    command = point.command(run_dir)
+    command = point.command(run_dir, out_dir / f".gpu{gpu}.lock" if shared_gpu else None)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -655,8 +661,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, *, kinds: list[str], le
     parser.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed/oom/timeout")
     parser.add_argument("--gpus", nargs="+", default=[], metavar="ID",
                         help="run points side by side, one per listed GPU (CUDA_VISIBLE_DEVICES); default: one at "
-                             "a time on what train.py picks. Side by side shares the CPUs: for tokens/s you will "
-                             "report, run one at a time")
+                             "a time on what train.py picks. A GPU listed k times runs k points whose start-up "
+                             "and data preparation overlap while their training and testing take turns on it, "
+                             "so tokens/s stays each point's own (--timeout then includes the wait)")
     parser.add_argument("--stand-in-label", default=None, help="marks the table as a stand-in, with this text")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the points and stop")
     parser.add_argument("--out", type=Path, default=Path(out) if out else None, required=out is None,
@@ -755,7 +762,7 @@ def run_sweep(spec: SweepSpec) -> int:
                 try:
                     if _STOPPING.is_set():
                         return
-                    record = run_point(point, spec.out, spec.timeout_s, gpu)
+                    record = run_point(point, spec.out, spec.timeout_s, gpu, spec.gpus.count(gpu) > 1)
                     if record is not None:
                         finish(point, record)
                 finally:

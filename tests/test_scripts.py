@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
+from models import ExclusiveDevice
 
 SCRIPTS = ROOT / "scripts"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -160,15 +162,30 @@ def test_wikitext_tables(tmp_path, standin, table, kinds):
 
 
 def test_long_range_diagnostic(tmp_path):
+    """Also: two points side by side on one listed GPU (CPU here) train and test taking turns."""
     out = tmp_path / "diagnostic"
     result = run_script("long_range_diagnostic.py", [
         "--task", "copy", "--lengths", "32", "64", "--kinds", "full", "local:w=8", "--tokens-per-step", "128",
-        "--out", str(out), *tiny(tmp_path), "data.num_test=16"], cwd=tmp_path)
+        "--gpus", "0", "0", "--out", str(out), *tiny(tmp_path), "data.num_test=16"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = check_table(out, "acc", 4)
     assert all(0 <= float(r["test/acc"]) <= 1 for r in rows)
     assert all("data.task=copy" in r["overrides"] for r in rows)
+    assert all(f"lock_path={out / '.gpu0.lock'}" in r["command"] for r in records(out))
     assert "test accuracy" in (out / "table.md").read_text()
+
+
+def test_exclusive_device_makes_runs_take_turns(tmp_path):
+    first, second = (ExclusiveDevice(str(tmp_path / "gpu.lock")) for _ in range(2))
+    first.setup(None, None, "fit")
+    waiting = threading.Thread(target=second.setup, args=(None, None, "fit"))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive()   # blocked while the first run holds the device
+    first.teardown(None, None, "fit")
+    waiting.join(10)
+    assert not waiting.is_alive()
+    second.teardown(None, None, "fit")
 
 
 @needs_wikitext2
