@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fma.local import flex_sliding_window, neighbour_block_attention
+from fma.reformer import lsh_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,6 +28,25 @@ def test_local_flex_path_matches_blockwise_float64(causal, dtype, tolerance, n, 
     exact_inputs = [x.double().requires_grad_() for x in (q, k, v)]
     _, numerator, denominator = neighbour_block_attention(*exact_inputs, block=window, causal=causal, window=window)
     expected = numerator / denominator
+    expected.backward(grad.double())
+    assert relative_error(out, expected) < tolerance
+    for fast, exact in zip(fast_inputs, exact_inputs):
+        assert relative_error(fast.grad, exact.grad) < tolerance
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_reformer_on_the_gpu_matches_float64(causal, dtype, tolerance):
+    """The same block-wise LSH code in low precision on the GPU (CPU-tested against plain loops)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    generator = torch.Generator("cuda").manual_seed(7)
+    q, v, grad = (torch.randn(2, 4, 2000, 64, device="cuda", generator=generator) for _ in range(3))
+    buckets = torch.randint(16, (2, 4, 4, 2000), device="cuda", generator=generator)
+    fast_inputs = [x.to(dtype).requires_grad_() for x in (q, F.normalize(q, dim=-1), v)]
+    out = lsh_attention(*fast_inputs, buckets, window=64, causal=causal)
+    out.backward(grad.to(dtype))
+    exact_inputs = [x.double().requires_grad_() for x in (q, F.normalize(q, dim=-1), v)]
+    expected = lsh_attention(*exact_inputs, buckets, window=64, causal=causal)
     expected.backward(grad.double())
     assert relative_error(out, expected) < tolerance
     for fast, exact in zip(fast_inputs, exact_inputs):
