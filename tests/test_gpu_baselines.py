@@ -22,10 +22,10 @@ def test_local_flex_path_matches_blockwise_float64(causal, dtype, tolerance, n, 
     generator = torch.Generator("cuda").manual_seed(n + window)
     q, k, v = (torch.randn(2, 4, n, 64, device="cuda", generator=generator) for _ in range(3))
     grad = torch.randn(2, 4, n, 64, device="cuda", generator=generator)
-    fast_inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    fast_inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     out = flex_sliding_window(*fast_inputs, window=window, causal=causal)
     out.backward(grad.to(dtype))
-    exact_inputs = [x.double().requires_grad_() for x in (q, k, v)]
+    exact_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
     _, numerator, denominator = neighbour_block_attention(*exact_inputs, block=window, causal=causal, window=window)
     expected = numerator / denominator
     expected.backward(grad.double())
@@ -42,10 +42,11 @@ def test_reformer_on_the_gpu_matches_float64(causal, dtype, tolerance):
     generator = torch.Generator("cuda").manual_seed(7)
     q, v, grad = (torch.randn(2, 4, 2000, 64, device="cuda", generator=generator) for _ in range(3))
     buckets = torch.randint(16, (2, 4, 4, 2000), device="cuda", generator=generator)
-    fast_inputs = [x.to(dtype).requires_grad_() for x in (q, F.normalize(q, dim=-1), v)]
+    inputs = (q, F.normalize(q, dim=-1), v)
+    fast_inputs = [x.detach().to(dtype).requires_grad_() for x in inputs]
     out = lsh_attention(*fast_inputs, buckets, window=64, causal=causal)
     out.backward(grad.to(dtype))
-    exact_inputs = [x.double().requires_grad_() for x in (q, F.normalize(q, dim=-1), v)]
+    exact_inputs = [x.detach().double().requires_grad_() for x in inputs]
     expected = lsh_attention(*exact_inputs, buckets, window=64, causal=causal)
     expected.backward(grad.double())
     assert relative_error(out, expected) < tolerance
