@@ -185,7 +185,7 @@ def test_reformer_one_bucket_one_chunk_is_full_attention_without_self(causal, n_
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n, n_buckets, chunk_size, n_hashes", [(29, 4, 5, 3), (24, 2, 3, 2), (17, 8, 30, 2)])
 def test_reformer_matches_reference(causal, n, n_buckets, chunk_size, n_hashes):
-    """The offset loop with duplicate counts equals plain loops over each query's union of key sets."""
+    """The block-wise computation with duplicate counts equals plain loops over each query's union of key sets."""
     layer = make_layer("reformer", causal, n_hashes=n_hashes, n_buckets=n_buckets, chunk_size=chunk_size)
     q, _, v = random_qkv(n)
     k = F.normalize(q.detach(), dim=-1).requires_grad_()
