@@ -56,17 +56,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ExclusiveDevice(L.Callback):
     """Holds an exclusive lock on `lock_path` while fitting and while testing, so that runs sharing one
     GPU take turns on it: each one's tokens/s is its own, while process start-up and data preparation
-    overlap. The operating system drops the lock when the process ends, however it ends."""
+    overlap. The operating system drops the lock when the process ends, however it ends.
 
-    def __init__(self, lock_path: str):
-        self.lock_path = lock_path
-        self._lock = None
+    `wait_file`, if given, holds the seconds spent waiting for the lock so far (rewritten about once a
+    second while waiting), so that a supervisor can leave the wait out of a time limit.
+    """
+
+    def __init__(self, lock_path: str, wait_file: str | None = None):
+        self.lock_path, self.wait_file = lock_path, wait_file
+        self._lock, self._waited = None, 0.0
 
     def setup(self, trainer, pl_module, stage):
         self._lock = open(self.lock_path, "a")
-        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        started = last_report = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+                if time.monotonic() - last_report >= 1.0:
+                    last_report = time.monotonic()
+                    self._report(self._waited + last_report - started)
+        self._waited += time.monotonic() - started
+        self._report(self._waited)
 
     def teardown(self, trainer, pl_module, stage):
         if self._lock is not None:
             self._lock.close()  # closing the file releases the lock
             self._lock = None
+
+    def _report(self, seconds: float) -> None:
+        if self.wait_file:
+            temporary = f"{self.wait_file}.tmp"
+            with open(temporary, "w") as f:
+                f.write(f"{seconds:.3f}")
+            os.replace(temporary, self.wait_file)

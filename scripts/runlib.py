@@ -59,6 +59,7 @@ CONTROLLED = {"data.seq_len", "data.batch_size", "trainer.accumulate_grad_batche
 # point restarts from scratch, so last.ckpt would only fill the disk).
 POINT_DEFAULTS = ["trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.last_checkpoint"]
 METRIC_LABELS = {"bpc": "test bits per character", "ppl": "test perplexity", "acc": "test accuracy (scored tokens)"}
+WAIT_FILE = "device_wait_s"  # seconds a point has waited for its shared GPU (models.ExclusiveDevice)
 SKIP_THROUGHPUT_STEPS = 3  # tokens/s: median over the logged steps after the first few (warm-up, compilation)
 
 
@@ -205,10 +206,12 @@ class Point:
         return f"{slug}_n{self.seq_len}_s{self.seed}_{digest}"
 
     def command(self, run_dir: Path, device_lock: Path | None = None) -> list[str]:
-        """train.py with this point's overrides; with `device_lock`, fitting and testing take turns on it."""
+        """train.py with this point's overrides; with `device_lock`, fitting and testing take turns on
+        it, and the point writes its time spent waiting to `<run_dir>/WAIT_FILE`."""
         turns = [] if device_lock is None else [
             "+callbacks.exclusive_device._target_=models.ExclusiveDevice",
-            f"+callbacks.exclusive_device.lock_path={hydra_value(device_lock)}"]
+            f"+callbacks.exclusive_device.lock_path={hydra_value(device_lock)}",
+            f"+callbacks.exclusive_device.wait_file={hydra_value(run_dir / WAIT_FILE)}"]
         return [sys.executable, str(TRAIN), *self.overrides, *turns, f"hydra.run.dir={hydra_value(run_dir)}"]
 
 
@@ -338,10 +341,19 @@ def count_parameters(run_dir: Path) -> tuple[int | None, str]:
     return None, "unknown"
 
 
+def waited_s(run_dir: Path) -> float:
+    """Seconds the point in run_dir has waited for its shared GPU so far (0 if it never had to)."""
+    try:
+        return float((run_dir / WAIT_FILE).read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
 def run_point(point: Point, out_dir: Path, timeout_s: float | None, gpu: str | None = None,
               shared_gpu: bool = False) -> dict | None:
     """Run one point to its end; its record, or None when the sweep is being stopped. With
-    `shared_gpu`, points on that GPU fit and test one at a time (models.ExclusiveDevice)."""
+    `shared_gpu`, points on that GPU fit and test one at a time (models.ExclusiveDevice), and
+    `timeout_s` leaves out the time spent waiting for it."""
     run_dir = out_dir / "points" / point.name
     if run_dir.exists():  # an unfinished attempt of an interrupted sweep: start the point afresh
         shutil.rmtree(run_dir)
@@ -357,10 +369,14 @@ def run_point(point: Point, out_dir: Path, timeout_s: float | None, gpu: str | N
         with _RUNNING_LOCK:
             _RUNNING.add(process)
         try:
-            returncode = process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            _end_group(process)
-            status = "timeout"
+            while returncode is None:
+                try:
+                    returncode = process.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    if timeout_s is not None and time.time() - started - waited_s(run_dir) > timeout_s:
+                        _end_group(process)
+                        status = "timeout"
+                        break
         except BaseException:
             _end_group(process)
             raise
@@ -390,6 +406,7 @@ def run_point(point: Point, out_dir: Path, timeout_s: float | None, gpu: str | N
         "seed": point.seed, "batch_size": point.batch_size, "accumulate": point.accumulate,
         "status": status, "reason": reason, "returncode": returncode, **metrics,
         "params": params, "params_source": params_source, "wall_s": round(wall_s, 2),
+        "device_wait_s": round(waited_s(run_dir), 2),
         "run_dir": str(relative),
         "config": str(relative / ".hydra" / "config.yaml") if (run_dir / ".hydra" / "config.yaml").exists() else "",
         "overrides": point.overrides, "command": shlex.join(command),
@@ -657,13 +674,14 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, *, kinds: list[str], le
                         help="model size for every point, e.g. model.dim=32 model.depth=1 model.num_heads=2")
     parser.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="more Hydra overrides for every point, e.g. trainer=gpu data.vocab_size=4096")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per point before it is stopped")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per point before it is stopped, not counting waits for a shared GPU")
     parser.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed/oom/timeout")
     parser.add_argument("--gpus", nargs="+", default=[], metavar="ID",
                         help="run points side by side, one per listed GPU (CUDA_VISIBLE_DEVICES); default: one at "
                              "a time on what train.py picks. A GPU listed k times runs k points whose start-up "
                              "and data preparation overlap while their training and testing take turns on it, "
-                             "so tokens/s stays each point's own (--timeout then includes the wait)")
+                             "so tokens/s stays each point's own (--timeout leaves out the wait)")
     parser.add_argument("--stand-in-label", default=None, help="marks the table as a stand-in, with this text")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the points and stop")
     parser.add_argument("--out", type=Path, default=Path(out) if out else None, required=out is None,

@@ -176,16 +176,35 @@ def test_long_range_diagnostic(tmp_path):
 
 
 def test_exclusive_device_makes_runs_take_turns(tmp_path):
-    first, second = (ExclusiveDevice(str(tmp_path / "gpu.lock")) for _ in range(2))
+    first = ExclusiveDevice(str(tmp_path / "gpu.lock"))
+    second = ExclusiveDevice(str(tmp_path / "gpu.lock"), wait_file=str(tmp_path / "waited"))
     first.setup(None, None, "fit")
     waiting = threading.Thread(target=second.setup, args=(None, None, "fit"))
     waiting.start()
-    waiting.join(0.5)
+    waiting.join(1.5)
     assert waiting.is_alive()   # blocked while the first run holds the device
+    assert float((tmp_path / "waited").read_text()) >= 1.0   # reported while waiting
     first.teardown(None, None, "fit")
     waiting.join(10)
     assert not waiting.is_alive()
+    assert 1.5 <= float((tmp_path / "waited").read_text()) < 10
     second.teardown(None, None, "fit")
+
+
+@pytest.mark.parametrize("reported_wait, status", [(0.0, "timeout"), (3.0, "failed")])
+def test_timeout_leaves_out_the_wait_for_a_shared_gpu(tmp_path, monkeypatch, reported_wait, status):
+    """A stand-in for train.py that runs 2.5 s, having 'waited' `reported_wait` s of them: with a
+    1.5 s limit it is stopped unless the wait is left out (then it ends, without metrics: failed)."""
+    stand_in = tmp_path / "stand_in_train.py"
+    stand_in.write_text(
+        "import sys, time\n"
+        "run_dir = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('hydra.run.dir='))\n"
+        f"open(run_dir + '/{runlib.WAIT_FILE}', 'w').write('{reported_wait}')\n"
+        "time.sleep(2.5)\n")
+    monkeypatch.setattr(runlib, "TRAIN", stand_in)
+    point = runlib.plan_points([runlib.parse_kind("full")], [32], runlib.Budget(steps=1, tokens_per_step=32), [])[0]
+    record = runlib.run_point(point, tmp_path / "out", timeout_s=1.5, gpu="0", shared_gpu=True)
+    assert record["status"] == status and record["device_wait_s"] == reported_wait
 
 
 @needs_wikitext2
