@@ -38,15 +38,19 @@ class LanguageModelModule(L.LightningModule):
             self.net.compile()
 
     def _logits_and_targets(self, batch, generator=None):
-        """fp32 logits [batch, seq, vocab] and targets [batch, seq] (IGNORE where nothing is scored)."""
+        """fp32 logits [..., vocab] and targets [...] (IGNORE where nothing is scored): [batch, seq, ·],
+        or [scored positions, ·] for an objective with sparse targets (masked LM)."""
         inputs, targets = self.objective(
             batch, mask_token_id=self.net.mask_token_id, vocab_size=self.net.vocab_size, generator=generator
         )
+        if self.objective.sparse_targets:
+            scored = targets != IGNORE
+            return self.net(inputs, at=scored).float(), targets[scored]
         return self.net(inputs).float(), targets
 
     @staticmethod
     def _nll_sum(logits, targets):
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
     def on_train_batch_start(self, batch, batch_idx):
         # Every random draw of a step (dropout, masking) is a function of (seed, step, rank), so a

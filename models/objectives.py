@@ -13,6 +13,7 @@ class CausalLM:
     """Next-token prediction: input tokens[:, :-1], targets tokens[:, 1:]."""
 
     causal = True
+    sparse_targets = False  # (nearly) every position is scored: the head runs everywhere
 
     def __call__(self, batch: dict, *, mask_token_id: int, vocab_size: int, generator=None):
         tokens, first_target = batch["tokens"], batch["first_target"]
@@ -28,6 +29,7 @@ class MaskedLM:
     is on the selected positions only."""
 
     causal = False
+    sparse_targets = True  # ~15% of positions are scored: the head runs only there
 
     def __init__(self, mask_prob: float = 0.15, mask_fraction: float = 0.8, random_fraction: float = 0.1):
         if not (0 < mask_prob <= 1 and mask_fraction >= 0 and random_fraction >= 0

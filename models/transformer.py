@@ -88,7 +88,11 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * depth))
         nn.init.normal_(self.embedding.weight, std=EMBEDDING_STD)
 
-    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                at: torch.Tensor | None = None) -> torch.Tensor:
+        """`at` (bool [batch, seq]): logits only at those positions, [at.sum(), vocab_size]; where few
+        positions are scored (masked LM) the output head, the costliest layer at a large vocabulary,
+        shrinks with them."""
         seq_len = tokens.shape[1]
         # Positions at the token embeddings' initial scale (sinusoids have RMS 1/sqrt(2) per channel).
         # A larger token scale would make the tied head predict "next = current" at initialisation.
@@ -97,4 +101,7 @@ class TransformerLM(nn.Module):
         x = self.embedding_dropout(x)
         for block in self.blocks:
             x = block(x, padding_mask)
-        return self.final_norm(x) @ self.embedding.weight[: self.vocab_size].T
+        x = self.final_norm(x)
+        if at is not None:
+            x = x[at]
+        return x @ self.embedding.weight[: self.vocab_size].T
