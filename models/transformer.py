@@ -91,7 +91,7 @@ class TransformerLM(nn.Module):
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 at: torch.Tensor | None = None) -> torch.Tensor:
         """`at` (bool [batch, seq]): logits only at those positions, [at.sum(), vocab_size]; where few
-        positions are scored (masked LM) the output head, the costliest layer at a large vocabulary,
+        positions are scored (masked LM) the output head, the layer with the most FLOPs at a large vocabulary,
         shrinks with them."""
         seq_len = tokens.shape[1]
         # Positions at the token embeddings' initial scale (sinusoids have RMS 1/sqrt(2) per channel).
