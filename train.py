@@ -81,8 +81,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     net = hydra.utils.instantiate(cfg.model, vocab_size=datamodule.vocab_size, causal=objective.causal,
                                   _convert_="all")
     module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=OmegaConf.to_container(cfg.optim),
-                                 seed=cfg.seed,
-                                 compile=cfg.compile, config=OmegaConf.to_container(cfg, resolve=True))
+                                 seed=cfg.seed, compile=cfg.compile, loss_chunk_tokens=cfg.loss_chunk_tokens,
+                                 config=OmegaConf.to_container(cfg, resolve=True))
     log.info("model: %s attention, %.2fM parameters", cfg.model.attention.name,
              sum(p.numel() for p in net.parameters()) / 1e6)
 

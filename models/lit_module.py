@@ -5,6 +5,9 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fma.errors import ConfigurationError
 
 from .metrics import LanguageModelMetric
 from .objectives import IGNORE
@@ -24,33 +27,54 @@ class LanguageModelModule(L.LightningModule):
     `metric` is "bpc" (byte-level data) or "ppl" (token-level data). `optim` holds AdamW and schedule
     settings: lr, weight_decay, betas, warmup_steps, total_steps (null: trainer.max_steps), min_lr_ratio.
     `config` is the run's resolved config as plain data, stored in checkpoints (loadable with
-    `torch.load(weights_only=True)`).
+    `torch.load(weights_only=True)`). `loss_chunk_tokens` (None: off) applies the output head and
+    the loss to that many tokens at a time and recomputes each chunk's logits in backward, so fp32
+    logits [tokens, vocab] never exist whole: the same loss for less memory and one more head pass.
     """
 
     def __init__(self, net: torch.nn.Module, objective, *, metric: str, optim: dict, seed: int = 0,
-                 compile: bool = False, config: dict | None = None):
+                 compile: bool = False, loss_chunk_tokens: int | None = None, config: dict | None = None):
         super().__init__()
+        if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+            raise ConfigurationError(f"loss_chunk_tokens={loss_chunk_tokens} must be a positive number of "
+                                     f"tokens, or null to apply the head to all at once; set loss_chunk_tokens=.")
         self.save_hyperparameters(ignore=["net", "objective"])
         self.net, self.objective, self.optim, self.seed = net, objective, dict(optim), seed
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.val_metric = LanguageModelMetric(metric)
         self.test_metric = LanguageModelMetric(metric)
         if compile:
             self.net.compile()
 
-    def _logits_and_targets(self, batch, generator=None):
-        """fp32 logits [..., vocab] and targets [...] (IGNORE where nothing is scored): [batch, seq, ·],
-        or [scored positions, ·] for an objective with sparse targets (masked LM)."""
+    def _features_and_targets(self, batch, generator=None):
+        """Final features [tokens, dim] and targets [tokens] (IGNORE where nothing is scored): every
+        position, or only the scored ones for an objective with sparse targets (masked LM)."""
         inputs, targets = self.objective(
             batch, mask_token_id=self.net.mask_token_id, vocab_size=self.net.vocab_size, generator=generator
         )
         if self.objective.sparse_targets:
             scored = targets != IGNORE
-            return self.net(inputs, at=scored).float(), targets[scored]
-        return self.net(inputs).float(), targets
+            return self.net(inputs, at=scored, head=False), targets[scored]
+        return self.net(inputs, head=False).flatten(0, 1), targets.flatten()
 
     @staticmethod
-    def _nll_sum(logits, targets):
-        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    def _nll(logits, targets):
+        """Summed cross-entropy over the scored targets."""
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+
+    def _head_nll(self, features, targets):
+        return self._nll(self.net.head(features).float(), targets)
+
+    def _chunks(self, features, targets):
+        """(features, targets) pieces of at most `loss_chunk_tokens` tokens; one piece when unset."""
+        size = self.loss_chunk_tokens or max(1, len(targets))
+        return zip(features.split(size), targets.split(size))
+
+    def _nll_sum(self, features, targets):
+        """The summed loss; with `loss_chunk_tokens`, each chunk's logits are recomputed in backward."""
+        if self.loss_chunk_tokens is None:
+            return self._head_nll(features, targets)
+        return sum(checkpoint(self._head_nll, *chunk, use_reentrant=False) for chunk in self._chunks(features, targets))
 
     def on_train_batch_start(self, batch, batch_idx):
         # Every random draw of a step (dropout, masking) is a function of (seed, step, rank), so a
@@ -58,17 +82,22 @@ class LanguageModelModule(L.LightningModule):
         torch.manual_seed(hash((self.seed, self.global_step, self.global_rank)) % 2**63)
 
     def training_step(self, batch, batch_idx):
-        logits, targets = self._logits_and_targets(batch)
-        loss = self._nll_sum(logits, targets) / (targets != IGNORE).sum().clamp(min=1)  # a batch may score nothing
+        features, targets = self._features_and_targets(batch)
+        loss = self._nll_sum(features, targets) / (targets != IGNORE).sum().clamp(min=1)  # a batch may score nothing
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def _eval_step(self, batch, batch_idx, metric):
         # Masked LM draws the same masks at every evaluation: a generator seeded by the batch index.
         generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + batch_idx)
-        logits, targets = self._logits_and_targets(batch, generator)
+        features, targets = self._features_and_targets(batch, generator)
         scored = targets != IGNORE
-        metric.update(self._nll_sum(logits, targets), scored.sum(), ((logits.argmax(-1) == targets) & scored).sum())
+        nll, correct = 0.0, 0
+        for chunk, chunk_targets in self._chunks(features, targets):
+            logits = self.net.head(chunk).float()
+            nll = nll + self._nll(logits, chunk_targets)
+            correct = correct + ((logits.argmax(-1) == chunk_targets) & (chunk_targets != IGNORE)).sum()
+        metric.update(nll, scored.sum(), correct)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, batch_idx, self.val_metric)

@@ -89,10 +89,11 @@ class TransformerLM(nn.Module):
         nn.init.normal_(self.embedding.weight, std=EMBEDDING_STD)
 
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                at: torch.Tensor | None = None) -> torch.Tensor:
+                at: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
         """`at` (bool [batch, seq]): logits only at those positions, [at.sum(), vocab_size]; where few
-        positions are scored (masked LM) the output head, the layer with the most FLOPs at a large vocabulary,
-        shrinks with them."""
+        positions are scored (masked LM) the output head, the layer with the most FLOPs at a large
+        vocabulary, shrinks with them. `head=False`: the final features [..., dim] instead, for a
+        loss that applies `self.head` itself, a chunk at a time."""
         seq_len = tokens.shape[1]
         # Positions at the token embeddings' initial scale (sinusoids have RMS 1/sqrt(2) per channel).
         # A larger token scale would make the tied head predict "next = current" at initialisation.
@@ -104,4 +105,8 @@ class TransformerLM(nn.Module):
         x = self.final_norm(x)
         if at is not None:
             x = x[at]
-        return x @ self.embedding.weight[: self.vocab_size].T
+        return self.head(x) if head else x
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., dim] -> logits [..., vocab_size], tied to the token embeddings."""
+        return features @ self.embedding.weight[: self.vocab_size].T

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_prefix_unchanged
-from fma import ATTENTION_KINDS, build_attention
+from fma import ATTENTION_KINDS, ConfigurationError, build_attention
 from models import IGNORE, CausalLM, LanguageModelMetric, LanguageModelModule, MaskedLM, TransformerLM
 from models.lit_module import warmup_cosine
 
@@ -153,26 +153,41 @@ def test_tiny_model_overfits_one_batch(kind, objective):
     assert loss.item() < 0.5
 
 
+@pytest.mark.parametrize("loss_chunk_tokens", [None, 7])
 @pytest.mark.parametrize("objective", [CausalLM(), MaskedLM()])
-def test_module_loss_and_metric_match_cross_entropy_over_all_logits(objective):
-    """The module's loss sum and its evaluation metric equal cross-entropy over the full logits with
-    IGNORE, whether the head ran everywhere or only at the scored positions (masked LM)."""
+def test_module_loss_and_metric_match_cross_entropy_over_all_logits(objective, loss_chunk_tokens):
+    """The module's summed loss, its gradients and its evaluation metric equal cross-entropy over the
+    full logits with IGNORE: whether the head ran everywhere or only at the scored positions (masked
+    LM), all at once or in chunks recomputed in backward."""
     torch.manual_seed(0)
     net = tiny_lm("full", causal=objective.causal).double()
-    module = LanguageModelModule(net, objective, metric="ppl", optim={})
+    module = LanguageModelModule(net, objective, metric="ppl", optim={}, loss_chunk_tokens=loss_chunk_tokens)
     batch = {"tokens": torch.randint(11, (3, 41)), "first_target": torch.tensor([0, 5, 30])}
     # Evaluation draws its masks from a generator seeded by the batch index (0 here, with seed 0).
     inputs, targets = objective(batch, mask_token_id=11, vocab_size=11, generator=torch.Generator().manual_seed(0))
     scored = targets != IGNORE
     all_logits = net(inputs)
-    expected_sum = F.cross_entropy(all_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    expected = F.cross_entropy(all_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
 
-    logits, module_targets = module._logits_and_targets(batch, torch.Generator().manual_seed(0))
-    assert logits.shape == ((int(scored.sum()), 11) if objective.sparse_targets else (3, 40, 11))
-    torch.testing.assert_close(module._nll_sum(logits, module_targets).double(), expected_sum, rtol=1e-5, atol=0)
+    features, module_targets = module._features_and_targets(batch, torch.Generator().manual_seed(0))
+    assert features.shape == ((int(scored.sum()) if objective.sparse_targets else 3 * 40), 32)
+    loss_sum = module._nll_sum(features, module_targets)
+    torch.testing.assert_close(loss_sum.double(), expected.detach(), rtol=1e-5, atol=0)
+    loss_sum.backward()
+    for parameter, expected_grad in zip(net.parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad, expected_grad, rtol=1e-4, atol=1e-6)
 
-    module._eval_step(batch, 0, module.val_metric)
+    with torch.no_grad():
+        module._eval_step(batch, 0, module.val_metric)
     values = module.val_metric.compute()
-    torch.testing.assert_close(values["loss"].double(), expected_sum / scored.sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(values["loss"].double(), expected.detach() / scored.sum(), rtol=1e-5, atol=0)
     accuracy = (all_logits[scored].argmax(-1) == targets[scored]).double().mean()
     torch.testing.assert_close(values["acc"].double(), accuracy, rtol=1e-12, atol=0)
+
+
+def test_loss_chunk_tokens_must_be_positive():
+    with pytest.raises(ConfigurationError, match="loss_chunk_tokens="):
+        LanguageModelModule(tiny_lm("full", causal=True), CausalLM(), metric="bpc", optim={}, loss_chunk_tokens=0)

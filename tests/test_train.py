@@ -73,6 +73,17 @@ def test_tiny_run_writes_metrics_and_checkpoints(tmp_path, tiny_run, objective):
             "CausalLM" if objective == "clm" else "MaskedLM")
 
 
+def test_chunked_loss_trains_like_the_whole_one(tmp_path, tiny_run):
+    """loss_chunk_tokens=10 (not a divisor of the 128 tokens per step) through train.py: the same
+    training losses and metrics as the tiny run, to float32 rounding."""
+    _, results, run_dir = tiny_run
+    chunked = train(compose_config(tmp_path, ["loss_chunk_tokens=10"]))
+    expected, got = logged(read_metrics(run_dir), "train/loss"), logged(read_metrics(tmp_path / "run"), "train/loss")
+    assert sorted(got) == sorted(expected)
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in expected)
+    assert all(chunked[key] == pytest.approx(results[key], rel=1e-4) for key in results)
+
+
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, objective):
     """Resume at step 4 of 8: steps 4..7 log exactly the losses of the uninterrupted run (dropout on,
