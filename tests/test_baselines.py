@@ -103,14 +103,19 @@ def copy_projections(target, source):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("window", [23, 64])
-def test_local_with_window_at_least_n_is_full_attention(causal, window):
-    local = make_layer("local", causal, window=window)
-    full = copy_projections(make_layer("full", causal), local)
+@pytest.mark.parametrize("kind, options", [("local", {"window": 23}), ("local", {"window": 64}),
+                                           ("htransformer", {"block_size": 12}), ("htransformer", {"block_size": 24})])
+def test_short_sequences_are_full_attention(causal, kind, options):
+    """n = 23 within one window (local), or within two blocks (H-Transformer-1D: no coarse level):
+    every key is seen exactly, padded keys hidden."""
+    if kind == "htransformer":
+        assert num_levels(23, options["block_size"]) == 0
+    layer = make_layer(kind, causal, **options)
+    full = copy_projections(make_layer("full", causal), layer)
     x = torch.randn(2, 23, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     mask = padding(2, 23, real=19)
-    torch.testing.assert_close(local(x), full(x), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(local(x, mask)[:, :19], full(x, mask)[:, :19], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer(x), full(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer(x, mask)[:, :19], full(x, mask)[:, :19], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -210,19 +215,6 @@ def test_reformer_rotations_fresh_in_training_fixed_in_eval():
 
 
 # H-Transformer-1D ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("block_size", [12, 24])
-def test_htransformer_single_level_is_full_attention(causal, block_size):
-    """n = 23 <= 2 * block_size: no coarse level, every key is seen exactly."""
-    assert num_levels(23, block_size) == 0
-    layer = make_layer("htransformer", causal, block_size=block_size)
-    full = copy_projections(make_layer("full", causal), layer)
-    x = torch.randn(2, 23, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    mask = padding(2, 23, real=18)
-    torch.testing.assert_close(layer(x), full(x), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(layer(x, mask)[:, :18], full(x, mask)[:, :18], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("causal", [True, False])
