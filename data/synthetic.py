@@ -1,7 +1,8 @@
 """Generated tasks that only long-range attention solves, each row a pure function of (seed, split, index).
 
 The last token id, vocab_size - 1, is a separator; only the predictable part of a row is scored
-(positions >= first_target), so a perfect model reaches loss 0.
+(positions >= first_target), so a perfect model reaches loss 0. Copy asks for every token of the
+first half again; recall for the values of a few key-value pairs from the start of the row.
 """
 
 import numpy as np
@@ -27,26 +28,30 @@ def copy_task(rng: np.random.Generator, length: int, vocab_size: int) -> tuple[n
 
 
 def recall_task(rng: np.random.Generator, length: int, vocab_size: int) -> tuple[np.ndarray, int]:
-    """Associative recall: [k v k v .. SEP (SEP) q f(q) SEP] for a random key -> value map f of this row.
+    """Associative recall across the row: [k v .. k v, FILL .., SEP, 0 f(0) 1 f(1) .. P-1 f(P-1)].
 
-    Keys and values use disjoint halves of the symbols; the query q is one of the row's keys, so its
-    value is retrieved by matching q against them. Scored: f(q) and the closing separator.
+    P = min(number of keys, (length - 1) // 4) pairs open the row, keys 0..P-1 each once in random
+    order, each with a random value f(k); filler follows; after the separator every key is asked
+    once, in order. Keys, values, the filler and the separator are disjoint symbols. Each answer lies
+    only in the pairs, at least length - 4P tokens back. Scored: the query part (its keys follow a
+    fixed order; its values need the retrieval).
     """
-    separator = vocab_size - 1
-    num_keys = separator // 2
-    value_of = rng.integers(num_keys, separator, size=num_keys)
-    pairs = (length - 4) // 2
-    keys = rng.integers(num_keys, size=pairs)
-    query = rng.choice(keys)
-    tokens = np.full(length, separator)
+    separator, filler = vocab_size - 1, vocab_size - 2
+    num_keys = filler // 2
+    pairs = min(num_keys, (length - 1) // 4)
+    value_of = rng.integers(num_keys, filler, size=pairs)
+    keys = rng.permutation(pairs)
+    tokens = np.full(length, filler)
     tokens[0 : 2 * pairs : 2], tokens[1 : 2 * pairs : 2] = keys, value_of[keys]
-    tokens[-3:-1] = query, value_of[query]
-    return tokens, length - 2
+    first_target = length - 2 * pairs
+    tokens[first_target - 1] = separator
+    tokens[first_target::2], tokens[first_target + 1 :: 2] = np.arange(pairs), value_of
+    return tokens, first_target
 
 
 TASKS = {"copy": copy_task, "recall": recall_task}
-MINIMUM_SEQ_LEN = {"copy": 2, "recall": 5}  # one symbol to copy / one key-value pair
-MINIMUM_VOCAB_SIZE = {"copy": 3, "recall": 5}  # two symbols / two keys and two values, plus the separator
+MINIMUM_SEQ_LEN = {"copy": 2, "recall": 4}  # one symbol to copy / one pair and its query
+MINIMUM_VOCAB_SIZE = {"copy": 3, "recall": 6}  # two symbols / two keys, two values, filler and separator
 
 
 class TaskRows(Dataset):

@@ -13,11 +13,12 @@ The tasks (data/synthetic.py; vocabulary data.vocab_size=16, the last symbol a s
 - copy (the default): random symbols, a separator, the same symbols again. Each copied token sits n/2 positions
   after its source, so once n/2 exceeds the near field (local: its window; FMA: 2m causal) it must
   be read exactly through the far field. Chance: 1/(vocab_size - 1).
-- recall (associative recall): key-value pairs across the whole row, then a query key at the end;
-  scored are its value and the closing separator. It tests matching by content, not distance: a
-  row's key -> value map is fixed and, with the default 16 symbols, every key recurs all along the
-  row, so the nearest occurrence answers (a window can solve it). Chance: about
-  (1/(number of values) + 1)/2, the separator being predictable.
+- recall (associative recall): up to (vocab_size - 2) / 2 key-value pairs open the row (7 with the
+  default 16 symbols), filler follows, and after a separator every key is asked once, in order, at
+  the end of the row: each answer is about n tokens back and appears nowhere else, so it must be
+  found by content through the far field. Scored are the query part's keys (a fixed order) and
+  values; chance: about (1 + 1/(number of values))/2. Fewer scored tokens per row than copy, but
+  matching one key among a few is an easier circuit than copying at a fixed distance.
 
 Exact attention (`full`) sees every token at full resolution; `local` sees only its window, so it
 marks what the near field alone achieves; FMA adds learned coarse summaries of the far field, one
@@ -42,8 +43,11 @@ MODEL = ["model.depth=4", "model.dim=256", "model.num_heads=4"]
 
 
 def chance(task: str, vocab_size: int) -> float:
-    symbols = vocab_size - 1
-    return 1 / symbols if task == "copy" else (1 / (symbols - symbols // 2) + 1) / 2
+    """Accuracy of guessing: copy, one of the symbols; recall, the keys known, one of the values."""
+    if task == "copy":
+        return 1 / (vocab_size - 1)
+    values = (vocab_size - 2) - (vocab_size - 2) // 2
+    return (1 + 1 / values) / 2
 
 
 def main() -> int:

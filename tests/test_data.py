@@ -545,16 +545,21 @@ def test_synthetic_copy_rows(seq_len, k):
     assert torch.equal(copied, tokens[:, :k].repeat(1, 2)[:, : copied.shape[1]])  # cycled to fill
 
 
-def test_synthetic_recall_rows():
-    module = SyntheticDataModule(task="recall", seq_len=12, batch_size=4, vocab_size=11)  # separator 10
+@pytest.mark.parametrize("seq_len, pairs", [(40, 4), (12, 3), (4, 1)])  # pairs = min(4 keys, (seq_len) // 4)
+def test_synthetic_recall_rows(seq_len, pairs):
+    """Vocabulary 11: keys 0-3, values 4-8, filler 9, separator 10. The pairs open the row; the
+    queries after the separator ask keys 0..P-1 in order, each answered by its pair's value."""
+    module = SyntheticDataModule(task="recall", seq_len=seq_len, batch_size=4, vocab_size=11)
     batch = next(iter(module.train_dataloader()))
-    assert batch["first_target"].tolist() == [11] * 4
+    length = seq_len + 1
+    assert batch["first_target"].tolist() == [length - 2 * pairs] * 4
     for tokens in batch["tokens"].tolist():
-        assert tokens[8:10] == [10, 10] and tokens[-1] == 10  # 4 pairs fill positions 0-7
-        pairs = dict(zip(tokens[0:8:2], tokens[1:8:2]))
-        assert all(key < 5 <= value < 10 for key, value in pairs.items())  # keys 0-4, values 5-9
-        query, answer = tokens[-3], tokens[-2]
-        assert query in pairs and pairs[query] == answer
+        value_of = dict(zip(tokens[0 : 2 * pairs : 2], tokens[1 : 2 * pairs : 2]))
+        assert sorted(value_of) == list(range(pairs)) and all(4 <= v <= 8 for v in value_of.values())
+        assert tokens[2 * pairs : length - 2 * pairs - 1] == [9] * (length - 4 * pairs - 1)
+        assert tokens[length - 2 * pairs - 1] == 10
+        queries = tokens[length - 2 * pairs :]
+        assert queries[0::2] == list(range(pairs)) and queries[1::2] == [value_of[k] for k in range(pairs)]
 
 
 def test_synthetic_rows_are_deterministic_and_splits_differ():
@@ -576,4 +581,5 @@ def test_synthetic_eval_sizes_and_bad_settings(tmp_path):
     assert [len(batch["tokens"]) for batch in module.test_dataloader()] == [5, 2]
     assert "data.task=" in failure(SyntheticDataModule, tmp_path, task="sort")
     assert "data.vocab_size=" in failure(SyntheticDataModule, tmp_path, vocab_size=2)
-    assert "data.seq_len=" in failure(SyntheticDataModule, tmp_path, task="recall", seq_len=4)
+    assert "data.seq_len=" in failure(SyntheticDataModule, tmp_path, task="recall", seq_len=3)
+    assert "data.vocab_size=" in failure(SyntheticDataModule, tmp_path, task="recall", vocab_size=5)
