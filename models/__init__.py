@@ -6,5 +6,5 @@ from .metrics import LanguageModelMetric
 from .objectives import IGNORE, CausalLM, MaskedLM
 from .transformer import TransformerLM
 
-__all__ = ["AtomicCheckpointIO", "ExclusiveDevice", "IGNORE", "CausalLM", "LanguageModelMetric", "LanguageModelModule", "MaskedLM",
-           "ThroughputMonitor", "TransformerLM"]
+__all__ = ["AtomicCheckpointIO", "ExclusiveDevice", "IGNORE", "CausalLM", "LanguageModelMetric",
+           "LanguageModelModule", "MaskedLM", "ThroughputMonitor", "TransformerLM"]

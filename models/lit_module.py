@@ -52,10 +52,11 @@ class LanguageModelModule(L.LightningModule):
         inputs, targets = self.objective(
             batch, mask_token_id=self.net.mask_token_id, vocab_size=self.net.vocab_size, generator=generator
         )
+        features = self.net(inputs, head=False)
         if self.objective.sparse_targets:
             scored = targets != IGNORE
-            return self.net(inputs, at=scored, head=False), targets[scored]
-        return self.net(inputs, head=False).flatten(0, 1), targets.flatten()
+            return features[scored], targets[scored]
+        return features.flatten(0, 1), targets.flatten()
 
     @staticmethod
     def _nll(logits, targets):

@@ -89,11 +89,10 @@ class TransformerLM(nn.Module):
         nn.init.normal_(self.embedding.weight, std=EMBEDDING_STD)
 
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                at: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
-        """`at` (bool [batch, seq]): logits only at those positions, [at.sum(), vocab_size]; where few
-        positions are scored (masked LM) the output head, the layer with the most FLOPs at a large
-        vocabulary, shrinks with them. `head=False`: the final features [..., dim] instead, for a
-        loss that applies `self.head` itself, a chunk at a time."""
+                head: bool = True) -> torch.Tensor:
+        """`head=False`: the final features [batch, seq, dim] instead of logits, for a loss that applies
+        `self.head` itself, only where targets are scored or a chunk at a time (at a large vocabulary
+        the head is the layer with the most FLOPs)."""
         seq_len = tokens.shape[1]
         # Positions at the token embeddings' initial scale (sinusoids have RMS 1/sqrt(2) per channel).
         # A larger token scale would make the tied head predict "next = current" at initialisation.
@@ -103,8 +102,6 @@ class TransformerLM(nn.Module):
         for block in self.blocks:
             x = block(x, padding_mask)
         x = self.final_norm(x)
-        if at is not None:
-            x = x[at]
         return self.head(x) if head else x
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
