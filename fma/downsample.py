@@ -1,6 +1,6 @@
 """The learned basis: how a cell's tokens become its p coarse keys (or values) at each level.
 
-Kinds (docs/fma-algorithm.md), all shared across heads, one set of parameters per level:
+Kinds (shared/docs/fma-algorithm.md), all shared across heads, one set of parameters per level:
 - groupedconv: per channel, p filters of length w_l plus a bias; K~[cell, r, c] = b[r, c] +
   sum_t W[r, t, c] K[cell*w_l + t, c]. Parameters W [p, w_l, d], b [p, d].
 - conv: the same with channel mixing; K~[cell, r, o] = b[r, o] + sum_{t,c} W[r, t, c, o] K[.., c].
@@ -15,14 +15,11 @@ TRITON_INTERPRET=1; `fused=False` / `FUSED = False` keep the torch code below, w
 reference. The fused path returns its summaries in x's dtype, as views of one buffer [B, H, T, d].
 """
 
-import functools
-import importlib.util
-
 import torch
 from torch import nn
 
 from .errors import ConfigurationError
-from .functional import level_widths, padded_length
+from .functional import level_widths, padded_length, triton_installed
 
 DOWNSAMPLE_KINDS = ("groupedconv", "conv", "avgpool")
 FUSED_KINDS = ("groupedconv", "avgpool")
@@ -93,7 +90,7 @@ class Downsample(nn.Module):
             return False
         if not level_widths(x.shape[2], self.block_size):
             return False
-        return True if wanted else x.is_cuda and _triton_installed()
+        return True if wanted else x.is_cuda and triton_installed()
 
     def real_counts(self, real: torch.Tensor, width: int) -> torch.Tensor:
         """real [batch, n] (1 real, 0 pad) -> [batch, (n / w) * p]: real tokens behind each summary:
@@ -124,8 +121,3 @@ def segment_average(width: int, rank: int) -> torch.Tensor:
     segment_of_token = torch.arange(width) * rank // width
     one_hot = (segment_of_token == torch.arange(rank)[:, None]).float()
     return one_hot / one_hot.sum(1, keepdim=True)
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None

@@ -1,6 +1,6 @@
 """Fast Multipole Attention as a function of queries, keys, values and their coarse summaries.
 
-Notation (docs/fma-algorithm.md): `m` = block_size (fine block), `p` = rank (summaries per cell),
+Notation (shared/docs/fma-algorithm.md): `m` = block_size (fine block), `p` = rank (summaries per cell),
 coarse levels l = 1..L with cell width w_l = m * 2^(l-1), L = log2(n/m) - 1. A valid length n has
 n/m a power of two and at least 4; `padded_length` gives the valid length a sequence is padded to.
 
@@ -14,6 +14,8 @@ import importlib.util
 import math
 
 import torch
+
+from .local import block_neighbourhoods, exp_scores
 
 
 def padded_length(n: int, block_size: int) -> int:
@@ -92,8 +94,8 @@ def block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, rank, caus
 
     queries = q.unflatten(2, (num_blocks, m))
     scores = torch.einsum("bhnqd,bhnsd->bhnqs", queries, keys).to(score_dtype) * head_dim**-0.5
-    scores = scores.masked_fill(~allowed, -math.inf) + key_bias
-    weights = _softmax_empty_rows_to_zero(scores).to(v.dtype)
+    _, unnormalised, total = exp_scores(scores + key_bias, allowed)  # a row seeing no key: all zero
+    weights = (unnormalised / torch.where(total > 0, total, 1.0)).to(v.dtype)
     out = torch.einsum("bhnqs,bhnsd->bhnqd", weights, values)
     return out.reshape(batch, heads, n, head_dim)
 
@@ -111,12 +113,17 @@ BACKENDS = {"torch": block_local_attention, "triton": _triton_backend}
 
 def triton_supports(q: torch.Tensor, block_size: int) -> bool:
     """Whether the triton backend handles q's device, dtype and shape (what backend "auto" asks)."""
-    if not q.is_cuda or importlib.util.find_spec("triton") is None:
+    if not q.is_cuda or not triton_installed():
         return False
     from .triton_attention import SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 
     return (block_size in SUPPORTED_BLOCK_SIZES and q.shape[-1] in SUPPORTED_HEAD_DIMS
             and q.dtype in SUPPORTED_DTYPES and q.shape[0] * q.shape[1] <= 65535)
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_counts, dtype, device):
@@ -135,14 +142,6 @@ def _key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_co
     return torch.cat(parts, dim=1)
 
 
-def _softmax_empty_rows_to_zero(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim; a row that is all -inf gives all-zero weights instead of NaN."""
-    row_max = scores.amax(-1, keepdim=True).detach().clamp_min(torch.finfo(scores.dtype).min)
-    unnormalised = (scores - row_max).exp()
-    total = unnormalised.sum(-1, keepdim=True)
-    return unnormalised / torch.where(total > 0, total, 1.0)
-
-
 @functools.lru_cache(maxsize=32)
 def block_local_layout(n: int, block_size: int, rank: int, causal: bool, device: torch.device):
     """Which keys each fine block's queries see, computed once per shape.
@@ -153,22 +152,16 @@ def block_local_layout(n: int, block_size: int, rank: int, causal: bool, device:
     Every coarse cell is at least m wide, so all m queries of a block see the same cells.
     """
     m, p = block_size, rank
-    num_blocks = n // m
-    block = torch.arange(num_blocks)
-    first_query = block * m
-    slots, exists = [], []
-
+    first_query = torch.arange(n // m) * m
     # Fine: the previous block and the own block (causal), or blocks b-1, b, b+1 (bidirectional).
-    for shift in (-1, 0) if causal else (-1, 0, 1):
-        neighbour = block + shift
-        slots.append(neighbour[:, None] * m + torch.arange(m))
-        exists.append(((neighbour >= 0) & (neighbour < num_blocks))[:, None].expand(-1, m))
+    _, fine = block_neighbourhoods(n, m, causal)
+    slots, exists = [fine], [(fine >= 0) & (fine < n)]
 
     # Coarse: at each level the cells of the interaction list, p summaries per cell.
     offset = n
     for width in level_widths(n, m):
         num_cells = n // width
-        for cell in _coarse_cells(first_query, width, causal):
+        for cell in coarse_cells(first_query, width, causal):
             slots.append(offset + cell[:, None] * p + torch.arange(p))
             exists.append(((cell >= 0) & (cell < num_cells))[:, None].expand(-1, p))
         offset += num_cells * p
@@ -181,7 +174,7 @@ def block_local_layout(n: int, block_size: int, rank: int, causal: bool, device:
     return key_index.to(device), allowed.to(device)
 
 
-def _coarse_cells(first_query: torch.Tensor, width: int, causal: bool) -> list[torch.Tensor]:
+def coarse_cells(first_query: torch.Tensor, width: int, causal: bool) -> list[torch.Tensor]:
     """Per block (given by its first query), the level's interaction-list cells; -1 or >= n/w: none.
 
     Causal: parent P = i // 2w, half h: cell 2P-2, and 2P-1 when h = 1.

@@ -38,15 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigurationError
+from .functional import coarse_cells
 from .layer import AttentionLayer
 from .local import at_positions, exp_scores, merge_pieces, neighbour_block_attention
 from .registry import register_attention
-
-# Level-l key blocks as offsets from the query's level-(l-1) block g, for even g (row 0) and odd g
-# (row 1); `exists` marks the slots that hold a block (causal even g has one, odd g two).
-BIDIRECTIONAL_CELLS = torch.tensor([[-2, 2, 3], [-3, -2, 2]]), torch.tensor([[True, True, True], [True, True, True]])
-CAUSAL_CELLS = torch.tensor([[-2, -2], [-3, -2]]), torch.tensor([[True, False], [True, True]])
-
 
 def num_levels(n: int, block_size: int) -> int:
     """Coarse levels L: the fewest with n <= 2 * block_size * 2^L (0 when two blocks hold the sequence)."""
@@ -68,6 +63,11 @@ def hierarchical_attention(q, k, v, *, block_size: int, causal: bool, padding_ma
         padded = -(-n // top_cell) * top_cell
         q, k, v = (F.pad(x, (0, 0, 0, padded - n)) for x in (q, k, v))
         real = F.pad(real, (0, padded - n), value=False)
+        # Zero at pads once, so that every level's averages sum real tokens only. Causal queries stay
+        # as they are (each token keeps its own); bidirectional ones are averaged like keys.
+        k, v = (x.masked_fill(~real[:, None, :, None], 0.0) for x in (k, v))
+        if not causal:
+            q = q.masked_fill(~real[:, None, :, None], 0.0)
         for level in range(1, levels + 1):
             pieces.append([piece[:, :, :n] for piece in coarse_level(q, k, v, real, level, block_size, causal)])
     maxima, numerators, denominators = (torch.stack(parts) for parts in zip(*pieces))
@@ -77,7 +77,8 @@ def hierarchical_attention(q, k, v, *, block_size: int, causal: bool, padding_ma
 def coarse_level(q, k, v, real, level: int, block_size: int, causal: bool):
     """Softmax pieces of coarse level `level` at fine resolution: row max, numerator, denominator [b, h, N, ·].
 
-    q, k, v [b, h, N, d] and real [b, N], N a multiple of the level-(l-1) block width ("cell").
+    q, k, v [b, h, N, d] and real [b, N], N a multiple of the level-(l-1) block width ("cell"); k, v
+    (and q, bidirectional) are zero at pads.
     """
     batch, heads, length, head_dim = q.shape
     group = 1 << level  # fine tokens per coarse token
@@ -85,15 +86,14 @@ def coarse_level(q, k, v, real, level: int, block_size: int, causal: bool):
     cells = length // (group * per_cell)
     counts = real.view(batch, -1, group).sum(-1)  # real tokens per coarse token, [b, N / group]
 
-    def average(x):  # [b, h, N, d] -> [b, h, N / group, d], over real tokens
-        sums = x.masked_fill(~real[:, None, :, None], 0.0).view(batch, heads, -1, group, head_dim).sum(-2)
+    def average(x):  # [b, h, N, d], zero at pads -> [b, h, N / group, d], over real tokens
+        sums = x.view(batch, heads, -1, group, head_dim).sum(-2)
         return sums / counts.clamp_min(1)[:, None, :, None].to(x.dtype)
 
-    # Which coarse tokens each cell's queries see: the interaction-list cells, per_cell tokens each.
-    offsets, exists = CAUSAL_CELLS if causal else BIDIRECTIONAL_CELLS
-    cell = torch.arange(cells, device=q.device)
-    key_cells = cell[:, None] + offsets.to(q.device)[cell % 2]  # [cells, slots]
-    cell_exists = exists.to(q.device)[cell % 2] & (key_cells >= 0) & (key_cells < cells)
+    # Which coarse tokens each cell's queries see: the interaction-list cells (the same lists as
+    # FMA's, in units of level-(l-1) blocks), per_cell tokens each; -1 or >= cells: no cell.
+    key_cells = torch.stack(coarse_cells(torch.arange(cells, device=q.device), 1, causal), 1)  # [cells, slots]
+    cell_exists = (key_cells >= 0) & (key_cells < cells)
     key_tokens = (key_cells[:, :, None] * per_cell + torch.arange(per_cell, device=q.device)).flatten(1)
     key_counts = at_positions(counts, key_tokens, dim=-1)  # [b, cells, keys]
     visible = cell_exists.repeat_interleave(per_cell, dim=1) & (key_counts > 0)

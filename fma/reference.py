@@ -1,6 +1,6 @@
 """Plain, slow Fast Multipole Attention: the ground truth that every faster path is tested against.
 
-Written straight from docs/fma-algorithm.md, one query and one cell at a time, in any dtype.
+Written straight from shared/docs/fma-algorithm.md, one query and one cell at a time, in any dtype.
 Shares only `padded_length` and `level_widths` (definitions, not computation) with the fast path.
 Never used for training.
 """

@@ -1,7 +1,7 @@
 """Fused Triton kernels for the learned downsampling (`groupedconv`) and `avgpool`: every level at once.
 
-What is computed (fma/downsample.py, docs/fma-algorithm.md): for keys (or values) x [B, H, n, d] and
-levels l = 1..L of cell width w_l = m * 2^(l-1) (the widest, W* = n / 4),
+What is computed (fma/downsample.py; method spec: shared/docs/fma-algorithm.md): for keys (or values)
+x [B, H, n, d] and levels l = 1..L of cell width w_l = m * 2^(l-1) (the widest, W* = n / 4),
     S_l[bh, cell, r, c] = b_l[r, c] + sum_{t < w_l} W_l[r, t, c] * x[bh, cell * w_l + t, c].
 avgpool is the same with W_l[r, t, c] = [t // (w_l / p) == r], no bias, times p / w_l, or times
 1 / (real count) when padded. All levels go into ONE buffer [B, H, T, d], T = sum_l (n / w_l) * p,
@@ -13,7 +13,7 @@ to fp32).
 API: `fused_summaries(x, kind, block_size, rank, weights, biases, counts) -> buffer` (autograd: dx,
 dW, db); `split_levels(buffer, block_size, rank)`; `benchmark_downsample(...)` for timing.
 
-Floor (METHOD.md) at n = 65,536, B = 2, H = 8, d = 64, m = 64, p = 2, bf16 (L = 9 levels, T = 4,088
+Floor (bytes moved at the H200's copy rate) at n = 65,536, B = 2, H = 8, d = 64, m = 64, p = 2, bf16 (L = 9 levels, T = 4,088
 summaries per head), H200 copy rate ~4.3 TB/s:
   forward:  read x 134.2 MB + write summaries 8.4 MB                  = 142.6 MB -> 33 us
             (+ W, 4.19 M fp32 parameters = 16.7 MB, shared by all heads: 159 MB -> 37 us)
@@ -85,8 +85,6 @@ from .functional import level_widths
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Debugging aid for tests: fill freshly allocated outputs with NaN so that an unwritten element shows.
 POISON_OUTPUTS = False
-# The last compiled kernel of each kind (for inspecting registers, spills and the IR).
-LAST_COMPILED: dict = {}
 # Tests may force the forward chunk (in-cell offsets per program; a multiple of m dividing n / 4).
 FORWARD_CHUNK: int | None = None
 
@@ -459,7 +457,7 @@ def _forward(x, w_op, b_cat, scale, layout: Layout, avg: bool):
     out = _empty((B, H, T, d), x.dtype, x.device)
     scratch = torch.zeros((BH, T - coarse_off, d), dtype=torch.float32, device=x.device)
     w, w_lo, split_w = w_op if w_op is not None else (scratch, 0, False)
-    LAST_COMPILED["forward"] = _forward_kernel[(top // chunk * c_groups * e_groups,)](
+    _forward_kernel[(top // chunk * c_groups * e_groups,)](
         x, w, b_cat if b_cat is not None else scratch, scale if scale is not None else scratch, out, scratch,
         H, BH, *x.stride(), d, m, num_levels, top, ntop, 2 * n // m, T, chunk, coarse_off, T - coarse_off, w_lo, c_groups, e_groups,
         P=p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg, SPLIT_W=split_w, HAS_BIAS=b_cat is not None,
@@ -493,7 +491,7 @@ def _grad_input(g_op, w_op, layout: Layout, avg: bool, shape, dtype):
     dx = _empty(shape, dtype, g_op[0].device)
     g, g_lo, split_g = g_op
     w, w_lo, split_w = w_op if w_op is not None else (g, 0, False)
-    LAST_COMPILED["grad_input"] = _grad_input_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
+    _grad_input_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
         g, w, dx,
         BH, n, d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m, layout.total, per_split,
         w_lo, g_lo, triton.cdiv(d, BD), splits, P=layout.p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg, SPLIT_W=split_w, SPLIT_G=split_g,
@@ -514,7 +512,7 @@ def _grad_weight(x, g, layout: Layout):
     per_split = triton.cdiv(groups, splits)
     splits = triton.cdiv(groups, per_split)
     dw = torch.zeros(layout.p * d * sum(layout.widths), dtype=torch.float32, device=x.device)
-    LAST_COMPILED["grad_weight"] = _grad_weight_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
+    _grad_weight_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
         x, g, dw, H, BH, *x.stride(), d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m,
         layout.total, per_split, triton.cdiv(d, BD), splits, P=layout.p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT,
         PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED, num_warps=DW_WARPS, num_stages=DW_STAGES,
@@ -601,7 +599,7 @@ def split_levels(buffer: torch.Tensor, block_size: int, rank: int) -> list[torch
 
 
 # ---------------------------------------------------------------------------------------------------
-# Benchmark helper (for the lead's benchmark script; not used by tests)
+# Benchmark helper: the "Through `Downsample`" timings in the module docstring (CUDA only)
 # ---------------------------------------------------------------------------------------------------
 
 
