@@ -5,7 +5,7 @@ included, bf16, tokens per batch fixed (batch = tokens / seq_len), so every row 
 amount of token work and differs only in how attention scales with length.
 
     python scripts/bench_attention.py --out benchmarks/attention
-    python scripts/bench_attention.py --kinds full fma --lengths 1024 65536
+    python scripts/bench_attention.py --variants "full (flash)" "fma m=64 p=2" --lengths 1024 65536
 """
 
 from pathlib import Path

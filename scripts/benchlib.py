@@ -140,8 +140,13 @@ def length_table(rows: list[dict], variants: list[str], key: str, fmt: str) -> s
         row = by_point[variant, n]
         return fmt.format(row[key]) if row[key] is not None else row["error"]
 
-    return markdown_table(["variant"] + [f"{n // 1024}K" for n in lengths],
+    return markdown_table(["variant"] + [format_length(n) for n in lengths],
                           [[variant] + [cell(variant, n) for n in lengths] for variant in variants])
+
+
+def format_length(n: int) -> str:
+    """A column header: 1024 -> 1K, 512 -> 512."""
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def plot_against_length(path: Path, rows: list[dict], series_key: str, metrics: list[tuple[str, str]]) -> None:

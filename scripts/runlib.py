@@ -224,7 +224,8 @@ def plan_points(series: list[Series], lengths: list[int], budget: Budget, overri
             for one in series:
                 shape = [f"data.seq_len={seq_len}", f"data.batch_size={batch}",
                          f"trainer.accumulate_grad_batches={accumulate}", f"trainer.max_steps={budget.steps}",
-                         # validation counts training batches, the last checkpoint optimizer steps
+                         # validation counts training batches. (POINT_DEFAULTS then drops last_checkpoint;
+                         # its setting stays only because it is part of every recorded point's key.)
                          f"trainer.val_check_interval={budget.val_every * accumulate}",
                          f"callbacks.last_checkpoint.every_n_train_steps={budget.val_every}",
                          f"trainer.log_every_n_steps={max(1, min(10, budget.steps // 20))}", f"seed={seed}"]
@@ -466,10 +467,6 @@ def format_count(n: float | None) -> str:
     return f"{n:.0f}"
 
 
-def format_length(n: int) -> str:
-    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
-
-
 def markdown_cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
@@ -525,7 +522,7 @@ def markdown_report(spec: "SweepSpec", plan: list[Point], records: dict[str, dic
     rows = summarise(plan, records, metric)
     labels = list(dict.fromkeys(p.series.label for p in plan))
     lengths = list(dict.fromkeys(p.seq_len for p in plan))
-    header = ["attention"] + [format_length(n) for n in lengths]
+    header = ["attention"] + [benchlib.format_length(n) for n in lengths]
     by = {(r["label"], r["seq_len"]): r for r in rows}
     fmt = metric_format(metric)
 
@@ -586,7 +583,7 @@ def plot_metric(path: Path, rows: list[dict], metric: str, title: str = "") -> N
             axis.errorbar(x, y, yerr=err if any(err) else None, marker="o", capsize=3, label=label)
     axis.set_xscale("log", base=2)
     lengths = sorted({row["seq_len"] for row in rows})
-    axis.set_xticks(lengths, [format_length(n) for n in lengths])
+    axis.set_xticks(lengths, [benchlib.format_length(n) for n in lengths])
     axis.minorticks_off()
     if title:
         axis.set_title(title, fontsize=9)
