@@ -181,8 +181,7 @@ class FileDataModule(TokenDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Check that every split this stage uses holds at least one window (seq_len + 1 tokens)."""
-        if self.meta is None:
-            self.prepare_data()  # a rank on which Lightning did not call prepare_data
+        self.prepare_data()  # for a rank on which Lightning did not call it (a no-op once done)
         for split in SPLITS_USED_BY_STAGE.get(stage, SPLITS):
             length = self.meta["lengths"][split]
             if length < self.seq_len + 1:

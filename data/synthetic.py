@@ -74,7 +74,7 @@ class TaskRows(Dataset):
 class SyntheticDataModule(TokenDataModule):
     """In-memory "copy" or "recall" rows of seq_len + 1 tokens; metric "ppl".
 
-    vocab_size counts the separator. num_val / num_test: rows in the valid / test split.
+    vocab_size counts the separator (and recall's filler). num_val / num_test: rows in the valid / test split.
     cache_dir is accepted so that every data config takes the same keys; nothing is cached.
     """
 

@@ -2,14 +2,16 @@
 on a shared GPU."""
 
 import fcntl
-import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from data.cache import atomic_path
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -44,13 +46,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     saving leaves the previous checkpoint intact instead of a truncated one."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        temporary = f"{path}.{os.getpid()}.tmp"
-        try:
+        with atomic_path(Path(path)) as temporary:
             super().save_checkpoint(checkpoint, temporary, storage_options)
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
 
 
 class ExclusiveDevice(L.Callback):
@@ -88,7 +85,5 @@ class ExclusiveDevice(L.Callback):
 
     def _report(self, seconds: float) -> None:
         if self.wait_file:
-            temporary = f"{self.wait_file}.tmp"
-            with open(temporary, "w") as f:
-                f.write(f"{seconds:.3f}")
-            os.replace(temporary, self.wait_file)
+            with atomic_path(Path(self.wait_file)) as temporary:
+                temporary.write_text(f"{seconds:.3f}")

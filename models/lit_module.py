@@ -54,7 +54,7 @@ class LanguageModelModule(L.LightningModule):
         )
         features = self.net(inputs, head=False)
         if self.objective.sparse_targets:
-            scored = targets != IGNORE
+            scored = (targets != IGNORE).nonzero(as_tuple=True)  # found once: one host sync, not two
             return features[scored], targets[scored]
         return features.flatten(0, 1), targets.flatten()
 
@@ -97,7 +97,7 @@ class LanguageModelModule(L.LightningModule):
         for chunk, chunk_targets in self._chunks(features, targets):
             logits = self.net.head(chunk).float()
             nll = nll + self._nll(logits, chunk_targets)
-            correct = correct + ((logits.argmax(-1) == chunk_targets) & (chunk_targets != IGNORE)).sum()
+            correct = correct + (logits.argmax(-1) == chunk_targets).sum()  # never equal at IGNORE (-100)
         metric.update(nll, scored.sum(), correct)
 
     def validation_step(self, batch, batch_idx):

@@ -13,7 +13,7 @@ class CausalLM:
     """Next-token prediction: input tokens[:, :-1], targets tokens[:, 1:]."""
 
     causal = True
-    sparse_targets = False  # (nearly) every position is scored: the head runs everywhere
+    sparse_targets = False  # the head runs at every position; unscored ones are IGNORE
 
     def __call__(self, batch: dict, *, mask_token_id: int, vocab_size: int, generator=None):
         tokens, first_target = batch["tokens"], batch["first_target"]
