@@ -25,6 +25,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT2 = SHARED_DATA / "wikitext-2"
 sys.path.insert(0, str(SCRIPTS))
 
+import long_range_diagnostic  # noqa: E402
 import reproduce_tables  # noqa: E402
 import runlib  # noqa: E402
 
@@ -161,18 +162,36 @@ def test_wikitext_tables(tmp_path, standin, table, kinds):
     assert "perplexity" in (out / "table.md").read_text()
 
 
-def test_long_range_diagnostic(tmp_path):
-    """Also: two points side by side on one listed GPU (CPU here) train and test taking turns."""
+def test_chance_levels_by_hand():
+    assert long_range_diagnostic.chance("copy", 16) == pytest.approx(1 / 15)   # one of 15 symbols
+    # vocabulary 11: keys 0-3 and values 4-8 (see test_synthetic_recall_rows); half the scored
+    # tokens are keys (known), half values (one of 5): (1 + 1/5) / 2
+    assert long_range_diagnostic.chance("recall", 11) == pytest.approx(0.6)
+    assert long_range_diagnostic.chance("recall", 16) == pytest.approx(4 / 7)
+
+
+@pytest.mark.parametrize("task, lengths, kinds, gpus, chance", [
+    ("copy", ["32", "64"], ["full", "local:w=8"], ["0", "0"], "0.100"),   # vocabulary 11: 1/10
+    ("recall", ["32"], ["fma:m=8,p=2"], [], "0.600"),
+])
+def test_long_range_diagnostic(tmp_path, task, lengths, kinds, gpus, chance):
+    """Copy also runs two points side by side on one listed GPU (CPU here), taking turns."""
     out = tmp_path / "diagnostic"
     result = run_script("long_range_diagnostic.py", [
-        "--task", "copy", "--lengths", "32", "64", "--kinds", "full", "local:w=8", "--tokens-per-step", "128",
-        "--gpus", "0", "0", "--out", str(out), *tiny(tmp_path), "data.num_test=16"], cwd=tmp_path)
+        "--task", task, "--lengths", *lengths, "--kinds", *kinds, "--tokens-per-step", "128",
+        *(["--gpus", *gpus] if gpus else []), "--out", str(out), *tiny(tmp_path), "data.num_test=16",
+        "data.vocab_size=11"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = check_table(out, "acc", 4)
-    assert all(0 <= float(r["test/acc"]) <= 1 for r in rows)
-    assert all("data.task=copy" in r["overrides"] for r in rows)
-    assert all(f"lock_path={out / '.gpu0.lock'}" in r["command"] for r in records(out))
-    assert "test accuracy" in (out / "table.md").read_text()
+    rows = check_table(out, "acc", len(lengths) * len(kinds))
+    table = (out / "table.md").read_text()
+    assert f"synthetic {task}, vocabulary 11; chance accuracy about {chance}" in table
+    logged = {(r["label"], r["seq_len"]): r["test/acc"] for r in records(out)}
+    for row in rows:
+        assert f"data.task={task}" in row["overrides"]
+        assert float(row["test/acc"]) == pytest.approx(logged[row["label"], int(row["seq_len"])])
+        assert f"| {float(row['test/acc']):.3f} |" in table
+    if gpus:
+        assert all(f"lock_path={out / '.gpu0.lock'}" in r["command"] for r in records(out))
 
 
 def test_exclusive_device_makes_runs_take_turns(tmp_path):
