@@ -98,8 +98,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.ckpt_path:
         check_checkpoint_fits(module, cfg.ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    if "last_checkpoint" in (cfg.get("callbacks") or {}):  # the final state too, not only every N steps
-        trainer.save_checkpoint(os.path.join(cfg.paths.output_dir, "checkpoints", "last.ckpt"))
+    latest = next((c for c in trainer.checkpoint_callbacks if not c.monitor), None)
+    if latest is not None:  # the final state too, not only every N steps
+        trainer.save_checkpoint(latest.format_checkpoint_name({}))
     results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     if cfg.test:

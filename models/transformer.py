@@ -49,8 +49,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio * dim, dropout)
 
-    def forward(self, x, padding_mask=None):
-        x = x + self.attention_dropout(self.attention(self.attention_norm(x), padding_mask))
+    def forward(self, x):
+        x = x + self.attention_dropout(self.attention(self.attention_norm(x)))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -65,7 +65,7 @@ class TransformerLM(nn.Module):
     def __init__(self, *, vocab_size: int, causal: bool, attention: dict, dim: int = 256, depth: int = 4,
                  num_heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.1):
         super().__init__()
-        self.vocab_size, self.dim, self.causal = vocab_size, dim, causal
+        self.vocab_size, self.dim = vocab_size, dim
         self.mask_token_id = vocab_size
         self.embedding = nn.Embedding(vocab_size + 1, dim)
         self.embedding_dropout = nn.Dropout(dropout)
@@ -88,8 +88,7 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * depth))
         nn.init.normal_(self.embedding.weight, std=EMBEDDING_STD)
 
-    def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                head: bool = True) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, head: bool = True) -> torch.Tensor:
         """`head=False`: the final features [batch, seq, dim] instead of logits, for a loss that applies
         `self.head` itself, only where targets are scored or a chunk at a time (at a large vocabulary
         the head is the layer with the most FLOPs)."""
@@ -100,7 +99,7 @@ class TransformerLM(nn.Module):
         x = self.embedding(tokens) + positions.to(self.embedding.weight.dtype)
         x = self.embedding_dropout(x)
         for block in self.blocks:
-            x = block(x, padding_mask)
+            x = block(x)
         x = self.final_norm(x)
         return self.head(x) if head else x
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from conftest import ROOT, SHARED_DATA, TINY, compose_config, logged, read_metrics, run_train_cli
 from fma import ConfigurationError
@@ -41,6 +42,31 @@ def test_other_groups_compose(tmp_path, group):
                 hydra.utils.get_class(logger_cfg._target_)
         if group == "trainer":
             assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+        if group == "experiment":   # every value it sets lands at the root, its group choices too
+            experiment = OmegaConf.load(ROOT / "configs" / group / f"{option}.yaml")
+            choices = experiment.pop("defaults")
+            own = {**dict(flat_items(experiment)), "data.path": "/unused"}   # and this test's override
+            for key, value in own.items():
+                assert OmegaConf.select(cfg, key) == value, key
+            for choice in choices:
+                (key, name), = choice.items()
+                chosen_group = key.removeprefix("override /")
+                chosen = OmegaConf.load(ROOT / "configs" / chosen_group / f"{name}.yaml")
+                chosen.pop("defaults", None)
+                for leaf, value in flat_items(chosen, f"{chosen_group}."):
+                    if leaf not in own and not str(value).startswith("${"):
+                        assert OmegaConf.select(cfg, leaf) == value, (choice, leaf)
+
+
+def flat_items(node, prefix: str = ""):
+    """(dotted key, value) of every leaf of a config, interpolations unresolved."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=False)
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +128,42 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, objective):
     assert resumed == {step: uninterrupted[step] for step in resumed}
 
 
+EXACT_AT_TINY_LENGTH = {"fma", "local", "htransformer"}  # at data.seq_len=32 they see every key at full resolution
+
+
+def train_kind(tmp_path: Path, kind: str, objective: str) -> dict:
+    """Each kind with its config's own defaults: 4 steps, validation at the end."""
+    return train(compose_config(tmp_path, [f"model={kind}", f"objective={objective}", "test=false",
+                                           "trainer.max_steps=4", "trainer.val_check_interval=4",
+                                           "optim.warmup_steps=1"]))
+
+
+@pytest.fixture(scope="module")
+def full_results(tmp_path_factory):
+    """train_kind for `full`, once per objective."""
+    cache = {}
+
+    def results(objective: str) -> dict:
+        if objective not in cache:
+            cache[objective] = train_kind(tmp_path_factory.mktemp(f"full-{objective}"), "full", objective)
+        return cache[objective]
+    return results
+
+
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 @pytest.mark.parametrize("kind", GROUP_OPTIONS["model"])
-def test_every_attention_kind_trains_through_train_py(tmp_path, kind, objective):
-    """Each kind with its config's own defaults, both objectives: training and validation run and the
-    validation loss is finite and below that of a uniform guess over the 16 symbols (ln 16)."""
-    results = train(compose_config(tmp_path, [f"model={kind}", f"objective={objective}", "test=false",
-                                              "trainer.max_steps=4", "trainer.val_check_interval=4"]))
-    assert math.isfinite(results["val/loss"]) and results["val/loss"] < math.log(16) + 1
+def test_every_attention_kind_trains_through_train_py(tmp_path, full_results, kind, objective):
+    """Kinds that are exact at this length train, through train.py, to full's validation loss; the
+    others (other parameters or another softmax) to within 0.05 of it after 4 small steps."""
+    reference = full_results(objective)["val/loss"]
+    assert math.isfinite(reference) and reference < math.log(16) + 0.1   # about ln 16 at the start
+    if kind == "full":
+        return
+    loss = train_kind(tmp_path, kind, objective)["val/loss"]
+    if kind in EXACT_AT_TINY_LENGTH:
+        assert loss == pytest.approx(reference, rel=1e-5)
+    else:
+        assert abs(loss - reference) < 0.05
 
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path, tiny_run):
