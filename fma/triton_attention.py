@@ -266,6 +266,20 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _query_block(Q, sq_b, sq_h, sq_n, H, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's query block (grid: blocks x batch*heads): its index, bh, batch and head (int64
+    for the offsets), row and channel offsets, and the query tile [BLOCK_M, HEAD_DIM]."""
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
+    return block, bh, b, h, offs_m, offs_d, q
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, CK, CV, O, LSE, FINE_BIAS, COARSE_BIAS, COARSE_INDEX,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sc_b, sc_h, sc_n, so_b, so_h, so_n,
@@ -275,13 +289,7 @@ def _forward_kernel(
     BLOCK_C: tl.constexpr, NUM_C_TILES: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_FINE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
+    block, bh, b, h, offs_m, offs_d, q = _query_block(Q, sq_b, sq_h, sq_n, H, BLOCK_M, HEAD_DIM)
     K += b * sk_b + h * sk_h
     V += b * sv_b + h * sv_h
     CK += b * sc_b + h * sc_h  # coarse_k and coarse_v: contiguous, one shape
@@ -324,13 +332,7 @@ def _backward_query_kernel(
 ):
     """dQ for one query block, its contributions to dK~, dV~ of the summaries it sees, and its rows'
     delta = rowsum(dO * O), stored for `_backward_key_kernel` (launched after this one)."""
-    block = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
+    block, bh, b, h, offs_m, offs_d, q = _query_block(Q, sq_b, sq_h, sq_n, H, BLOCK_M, HEAD_DIM)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
     o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :])
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)

@@ -118,6 +118,26 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(NC, NE, SPAN, d, TOK, BD: tl.constexpr, BT: tl.constexpr):
+    """This program's place in the grid: its block of (bh, top cell) pairs, its first in-cell offset
+    o0 (block * SPAN), its BD channels and BT tile tokens with their masks. Channel blocks vary
+    fastest, so programs that read the same rows run together."""
+    pid = tl.program_id(0)
+    cols = (pid % NC) * BD + tl.arange(0, BD)
+    tt = tl.arange(0, BT)
+    return (pid // NC) % NE, (pid // (NC * NE)) * SPAN, cols, cols < d, tt, tt < TOK
+
+
+@triton.jit
+def _pairs(first, E: tl.constexpr, NTOP, BH, W_TOP, o0):
+    """E (bh, top cell) pairs from pair index `first`: bh (0 past the end), valid, first token."""
+    ee = first + tl.arange(0, E)
+    bh = ee // NTOP
+    e_ok = bh < BH
+    return tl.where(e_ok, bh, 0), e_ok, (ee % NTOP) * W_TOP + o0
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, scratch_ptr,
     H, BH, sx_b, sx_h, sx_n, sx_d,
@@ -131,26 +151,12 @@ def _forward_kernel(
         acc[c, e, row] += x[c, e, t] @ W[c, t, row],   row = (level, r), t = pos_level(token)
     (W in two halves hi + lo when SPLIT_W). A level whose cells fit in the chunk is stored (bias,
     scale, cast) whenever its cell ends; wider levels are added at the end to the fp32 scratch."""
-    pid = tl.program_id(0)  # channel blocks vary fastest: programs that read the same rows run together
-    pid_c = pid % NC
-    pid_e = (pid // NC) % NE
-    pid_o = pid // (NC * NE)
-    o0 = pid_o * CHUNK
-
+    pid_e, o0, cols, col_ok, tt, t_ok = _program_tile(NC, NE, CHUNK, d, TOK, BD, BT)
     rows = tl.arange(0, LP)
     row_ok, level, r, width, w_offset, s_offset = _row_meta(rows, P, m, num_levels, d, N2)
-    cols = pid_c * BD + tl.arange(0, BD)
-    col_ok = cols < d
-    ee = pid_e * E + tl.arange(0, E)
-    k_top = ee % NTOP
-    bh = ee // NTOP
-    e_ok = bh < BH
-    bh = tl.where(e_ok, bh, 0)
+    bh, e_ok, tok0 = _pairs(pid_e * E, E, NTOP, BH, W_TOP, o0)  # tok0: first token of the chunk, per e
     b_idx = bh // H
     h_idx = bh % H
-    tok0 = k_top * W_TOP + o0  # first token of the chunk, per e
-    tt = tl.arange(0, BT)
-    t_ok = tt < TOK
 
     x_base = b_idx.to(tl.int64) * sx_b + h_idx.to(tl.int64) * sx_h + tok0.to(tl.int64) * sx_n  # [E]
     x_ptrs = x_ptr + (cols * sx_d)[:, None, None] + x_base[None, :, None] + (tt * sx_n)[None, None, :]
@@ -215,17 +221,8 @@ def _grad_input_kernel(
     """dx[c, e, t] = dS[c, e, row] @ W[c, row, t] for a tile of TOK tokens at in-cell offset o0 and BD
     channels; the W tile is loaded once and serves E_GROUPS groups of E (bh, top cell) pairs.
     A split operand (W or dS) is stored as hi at ptr and lo at ptr + *_LO."""
-    pid = tl.program_id(0)  # channel blocks vary fastest: programs that read the same rows run together
-    pid_c = pid % NC
-    pid_e = (pid // NC) % NE
-    pid_o = pid // (NC * NE)
-    o0 = pid_o * TOK
-    rows = tl.arange(0, LP)
-    row_ok, level, r, width, w_offset, s_offset = _row_meta(rows, P, m, num_levels, d, N2)
-    cols = pid_c * BD + tl.arange(0, BD)
-    col_ok = cols < d
-    tt = tl.arange(0, BT)
-    t_ok = tt < TOK
+    pid_e, o0, cols, col_ok, tt, t_ok = _program_tile(NC, NE, TOK, d, TOK, BD, BT)
+    row_ok, level, r, width, w_offset, s_offset = _row_meta(tl.arange(0, LP), P, m, num_levels, d, N2)
     pos = o0 % width  # [LP]
     if AVG:
         hit = ((pos[:, None] + tt[None, :]) // (width // P)[:, None] == r[:, None]) & row_ok[:, None] & t_ok[None, :]
@@ -238,12 +235,7 @@ def _grad_input_kernel(
             w_lo = tl.load(w_ptrs + W_LO, mask=w_mask, other=0.0)
 
     for group in range(0, E_GROUPS):
-        ee = (pid_e * E_GROUPS + group) * E + tl.arange(0, E)
-        k_top = ee % NTOP
-        bh = ee // NTOP
-        e_ok = bh < BH
-        bh = tl.where(e_ok, bh, 0)
-        tok0 = k_top * W_TOP + o0
+        bh, e_ok, tok0 = _pairs((pid_e * E_GROUPS + group) * E, E, NTOP, BH, W_TOP, o0)
         summary = s_offset[None, :] + (tok0[:, None] // width[None, :]) * P + r[None, :]  # [E, LP]
         g_ptrs = g_ptr + cols[:, None, None] + (bh.to(tl.int64) * T * d)[None, :, None] + (summary * d)[None, :, :]
         g_mask = col_ok[:, None, None] & e_ok[None, :, None] & row_ok[None, None, :]
@@ -268,26 +260,12 @@ def _grad_weight_kernel(
 ):
     """dW[c, row, t] += dS[c, row, e] @ x[c, e, t] over E_GROUPS groups of E (bh, top cell) pairs, for
     a tile of TOK tokens at in-cell offset o0 and BD channels; fp32 atomics into dW at the end."""
-    pid = tl.program_id(0)  # channel blocks vary fastest: programs that read the same rows run together
-    pid_c = pid % NC
-    pid_s = (pid // NC) % NE
-    pid_o = pid // (NC * NE)
-    o0 = pid_o * TOK
-    rows = tl.arange(0, LP)
-    row_ok, level, r, width, w_offset, s_offset = _row_meta(rows, P, m, num_levels, d, N2)
-    cols = pid_c * BD + tl.arange(0, BD)
-    col_ok = cols < d
-    tt = tl.arange(0, BT)
-    t_ok = tt < TOK
+    pid_e, o0, cols, col_ok, tt, t_ok = _program_tile(NC, NE, TOK, d, TOK, BD, BT)
+    row_ok, level, r, width, w_offset, s_offset = _row_meta(tl.arange(0, LP), P, m, num_levels, d, N2)
 
     acc = tl.zeros((BD, LP, BT), dtype=tl.float32)
     for group in range(0, E_GROUPS):
-        ee = (pid_s * E_GROUPS + group) * E + tl.arange(0, E)
-        k_top = ee % NTOP
-        bh = ee // NTOP
-        e_ok = bh < BH
-        bh = tl.where(e_ok, bh, 0)
-        tok0 = k_top * W_TOP + o0
+        bh, e_ok, tok0 = _pairs((pid_e * E_GROUPS + group) * E, E, NTOP, BH, W_TOP, o0)
         summary = s_offset[:, None] + (tok0[None, :] // width[:, None]) * P + r[:, None]  # [LP, E]
         g_ptrs = g_ptr + cols[:, None, None] + (summary * d)[None, :, :] + (bh.to(tl.int64) * T * d)[None, None, :]
         gv = tl.load(g_ptrs, mask=col_ok[:, None, None] & row_ok[None, :, None] & e_ok[None, None, :], other=0.0)

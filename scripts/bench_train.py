@@ -7,6 +7,10 @@ model FLOPs utilisation of `full` (6 N per token for the weights + 6 L n d per t
 attention scores and values, over the H200's dense bf16 peak of 989 TFLOP/s).
 
     python scripts/bench_train.py --out benchmarks/train
+
+--profile also records each point's GPU kernel time and kernel launches per step (torch.profiler),
+with the kernels that take the most time in train_profile.md: when a step's wall time far exceeds
+its kernel time, the host (Python, kernel launches) bounds it, not the GPU.
 """
 
 from pathlib import Path
@@ -14,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchlib import (VARIANTS, benchmark_parser, environment, length_table, markdown_table, measure, plot_against_length,
-                      require_cuda, variant_options, write_reports)
+from benchlib import (VARIANTS, benchmark_parser, environment, kernel_profile, length_table, markdown_table, measure,
+                      plot_against_length, require_cuda, variant_options, write_reports)
 from models import TransformerLM
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet
@@ -45,12 +49,13 @@ def main():
     parser = benchmark_parser(__doc__, lengths=[1024, 4096, 16384, 65536], tokens=65536,
                               tokens_help="tokens per optimizer step", out="benchmarks/train")
     parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--profile", action="store_true", help="also profile GPU kernel time and launches per step")
     args = parser.parse_args()
     require_cuda("bench_train.py")
     env = environment()
     env["setting"] = (f"{args.depth} layers, d_model {args.dim}, {args.heads} heads, vocab 256, bf16 autocast, "
                       f"fused AdamW, {args.tokens} tokens per step, median of {args.repeats} steps")
-    rows = []
+    rows, profiles = [], []
     for seq_len in args.lengths:
         batch = max(1, args.tokens // seq_len)
         for label in args.variants:
@@ -64,6 +69,12 @@ def main():
             row = {"variant": label, "kind": kind, "seq_len": seq_len, "batch": batch, "ms": result.get("ms"),
                    "tokens_per_s": tokens / result["ms"] * 1e3 if result.get("ms") else None,
                    "peak_gib": result.get("peak_gib"), "error": result.get("error", ""), "mfu": None}
+            if args.profile and row["ms"]:
+                summary, kernels = kernel_profile(step)
+                row.update(summary)
+                profiles.append(f"### {label}, length {seq_len}, batch {batch}: {row['ms']:.2f} ms per step, "
+                                f"{summary['gpu_busy_ms']:.2f} ms of kernels, {summary['kernels_per_step']:,.0f} "
+                                f"launches\n\n{kernels}")
             if kind == "full" and row["ms"]:
                 flops = 6 * params * tokens + 6 * args.depth * seq_len * args.dim * tokens
                 row["mfu"] = flops / (row["ms"] / 1e3) / (PEAK_BF16_TFLOPS * 1e12)
@@ -77,6 +88,13 @@ def main():
     if full:
         table += "\n\n### model FLOPs utilisation of full attention\n\n" + markdown_table(
             ["seq_len", "MFU"], [[r["seq_len"], f"{100 * r['mfu']:.1f}%"] for r in full])
+    if profiles:
+        table += "\n\n### wall time and GPU kernel time per step (ms)\n\n" + markdown_table(
+            ["variant", "length", "step", "kernels", "launches"],
+            [[r["variant"], r["seq_len"], f"{r['ms']:.2f}", f"{r['gpu_busy_ms']:.2f}", f"{r['kernels_per_step']:,.0f}"]
+             for r in rows if "gpu_busy_ms" in r])
+        (args.out / "train_profile.md").parent.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_profile.md").write_text("\n\n".join(profiles) + "\n")
     write_reports(args.out, "train_throughput", rows, env, table)
     plot_against_length(args.out / "train_throughput.png", rows, "variant",
                         [("tokens_per_s", "training tokens/s"), ("peak_gib", "peak memory (GiB)")])

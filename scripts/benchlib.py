@@ -111,6 +111,32 @@ def measure(step, *, warmup: int = 3, repeats: int = 10) -> dict:
         torch.cuda.empty_cache()
 
 
+def kernel_profile(step, *, steps: int = 3) -> tuple[dict, str]:
+    """GPU kernel time and kernel launches per call of `step` (run after `measure`'s warm-up), and a
+    markdown table of the 15 kernels with the most GPU time. A step whose wall time far exceeds its
+    kernel time is bound by the host (Python, launches), not by the GPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA and not event.is_user_annotation:  # kernels, copies, memsets
+            calls_and_us = totals.setdefault(event.name, [0, 0.0])
+            calls_and_us[0] += 1
+            calls_and_us[1] += event.time_range.elapsed_us()
+    busy_ms = sum(us for _, us in totals.values()) / steps / 1e3
+    summary = {"gpu_busy_ms": busy_ms, "kernels_per_step": sum(calls for calls, _ in totals.values()) / steps}
+    top = sorted(totals.items(), key=lambda item: -item[1][1])[:15]
+    table = markdown_table(["kernel", "calls per step", "ms per step", "share of GPU time"], [
+        [f"`{name[:90].replace('|', '/')}`", f"{calls / steps:g}", f"{us / steps / 1e3:.3f}",
+         f"{us / steps / 1e3 / busy_ms:.1%}"] for name, (calls, us) in top])
+    return summary, table
+
+
 def write_reports(out_dir: Path, name: str, rows: list[dict], env: dict, table_md: str) -> None:
     """name.csv, name.json (rows + environment) and name.md (environment + table)."""
     out_dir.mkdir(parents=True, exist_ok=True)
