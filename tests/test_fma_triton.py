@@ -204,11 +204,22 @@ def exact_fp32_and_poisoned_outputs(monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@cuda
-@pytest.mark.usefixtures("exact_fp32_and_poisoned_outputs")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("n", [256, 4096])
+def gpu_numerics(lengths: list[int]):
+    """A GPU test at every dtype, both directions and these lengths (n), TF32 off, outputs poisoned."""
+    def mark(test):
+        for decorator in [
+            pytest.mark.parametrize("n", lengths),
+            pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"]),
+            pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"]),
+            pytest.mark.usefixtures("exact_fp32_and_poisoned_outputs"),
+            cuda,
+        ]:
+            test = decorator(test)
+        return test
+    return mark
+
+
+@gpu_numerics(lengths=[256, 4096])
 def test_gpu_kernels_match_float64(n, causal, dtype):
     inputs = random_inputs(n, block_size=64, rank=2, head_dim=64, batch=2, heads=4, dtype=dtype,
                            device="cuda", seed=n + causal)
@@ -219,11 +230,7 @@ def test_gpu_kernels_match_float64(n, causal, dtype):
         assert relative_error(a, e) <= TOLERANCE[dtype], name
 
 
-@cuda
-@pytest.mark.usefixtures("exact_fp32_and_poisoned_outputs")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("n", [256, 1000])
+@gpu_numerics(lengths=[256, 1000])
 def test_gpu_module_matches_float64(n, causal, dtype):
     """Through FastMultipoleAttention (n=1000 is padded to 1024 and masked); gradients of q, k, v and
     of the learned summaries' parameters; at n=256 also against fma/reference.py."""
