@@ -12,10 +12,20 @@ O(n * (m + p*L)) per head and no n x n tensor ever exists.
 import functools
 import importlib.util
 import math
+import os
 
 import torch
 
 from .local import block_neighbourhoods, exp_scores
+
+
+
+def kernel_output(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised buffer for a fused kernel to fill; full of NaN when FMA_TRITON_POISON=1, so
+    that a test sees every element a kernel fails to write."""
+    if os.environ.get("FMA_TRITON_POISON") == "1":
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def padded_length(n: int, block_size: int) -> int:

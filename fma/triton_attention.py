@@ -39,14 +39,13 @@ FMA_TRITON_POISON=1 to allocate outputs filled with NaN (a test that every eleme
 """
 
 import functools
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .functional import _key_logit_bias, block_local_layout
+from .functional import _key_logit_bias, block_local_layout, kernel_output
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -119,12 +118,6 @@ def _batch_stride(bias):
     return 0 if bias is None or bias.shape[0] == 1 else bias.stride(0)
 
 
-def _empty(shape, dtype, device):
-    if os.environ.get("FMA_TRITON_POISON") == "1":
-        return torch.full(shape, math.nan, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _strides(x):
     """(batch, head, position) strides; the feature stride must be 1."""
     return x.stride(0), x.stride(1), x.stride(2)
@@ -155,8 +148,8 @@ class _MultipoleAttentionFunction(torch.autograd.Function):
         coarse_k = torch.cat(coarse[:num_levels], dim=2).contiguous()
         coarse_v = torch.cat(coarse[num_levels:], dim=2).contiguous()
         batch, heads, n, head_dim = q.shape
-        out = _empty((batch, heads, n, head_dim), q.dtype, q.device)
-        lse = _empty((batch, heads, n), torch.float32, q.device)
+        out = kernel_output((batch, heads, n, head_dim), q.dtype, q.device)
+        lse = kernel_output((batch, heads, n), torch.float32, q.device)
         block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
         has_fine_bias = fine_bias is not None
         _forward_kernel[(n // m, batch * heads)](
@@ -180,10 +173,10 @@ class _MultipoleAttentionFunction(torch.autograd.Function):
         m, causal = ctx.m, ctx.causal
         batch, heads, n, head_dim = q.shape
         grad_out = _last_dim_contiguous(grad_out.to(q.dtype))
-        delta = _empty((batch, heads, n), torch.float32, q.device)  # rowsum(dO * O), by the query kernel
-        dq = _empty(q.shape, q.dtype, q.device)
-        dk = _empty(k.shape, k.dtype, k.device)
-        dv = _empty(v.shape, v.dtype, v.device)
+        delta = kernel_output((batch, heads, n), torch.float32, q.device)  # rowsum(dO * O), by the query kernel
+        dq = kernel_output(q.shape, q.dtype, q.device)
+        dk = kernel_output(k.shape, k.dtype, k.device)
+        dv = kernel_output(v.shape, v.dtype, v.device)
         dcoarse = torch.zeros((2, *coarse_k.shape), dtype=torch.float32, device=q.device)  # atomics add here
         dck, dcv = dcoarse.unbind(0)
         block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])

@@ -79,12 +79,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .functional import level_widths
+from .functional import kernel_output, level_widths
 
 # Under the Triton interpreter (CPU) half-precision products run on upcast values (see _dot).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# Debugging aid for tests: fill freshly allocated outputs with NaN so that an unwritten element shows.
-POISON_OUTPUTS = False
 # Tests may force the forward chunk (in-cell offsets per program; a multiple of m dividing n / 4).
 FORWARD_CHUNK: int | None = None
 
@@ -367,13 +365,6 @@ def _target_programs(x: torch.Tensor) -> int:
     return 4 * _num_sms(x.device.index or 0) if x.is_cuda else 64
 
 
-def _empty(shape, dtype, device):
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
-
-
 # Tile sizes (tuned on an H200, see the module docstring): E (bh, top cell) pairs per tile (the M or K
 # dimension of the batched products, >= 16), BD channels (the batch of the products), TOK tokens per
 # tile (a power of two dividing m, padded to >= 16 for the products).
@@ -432,7 +423,7 @@ def _forward(x, w_op, b_cat, scale, layout: Layout, avg: bool):
     assert chunk % m == 0 and top % chunk == 0, f"chunk {chunk} must be a multiple of {m} dividing {top}"
     coarse_level = next((i for i, w in enumerate(layout.widths) if w > chunk), num_levels)
     coarse_off = layout.offsets[coarse_level]
-    out = _empty((B, H, T, d), x.dtype, x.device)
+    out = kernel_output((B, H, T, d), x.dtype, x.device)
     scratch = torch.zeros((BH, T - coarse_off, d), dtype=torch.float32, device=x.device)
     w, w_lo, split_w = w_op if w_op is not None else (scratch, 0, False)
     _forward_kernel[(top // chunk * c_groups * e_groups,)](
@@ -466,7 +457,7 @@ def _grad_input(g_op, w_op, layout: Layout, avg: bool, shape, dtype):
     splits = min(groups, triton.cdiv(_target_programs(g_op[0]), tiles))  # W tile loads: one per split
     per_split = triton.cdiv(groups, splits)
     splits = triton.cdiv(groups, per_split)
-    dx = _empty(shape, dtype, g_op[0].device)
+    dx = kernel_output(shape, dtype, g_op[0].device)
     g, g_lo, split_g = g_op
     w, w_lo, split_w = w_op if w_op is not None else (g, 0, False)
     _grad_input_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](

@@ -1,7 +1,7 @@
 """The fused Triton downsampling (fma/triton_downsample.py) against the torch path of `Downsample`.
 
 CPU: the kernels run under the Triton interpreter in a subprocess (TRITON_INTERPRET=1 must be set
-before the kernels are defined, and must not leak into the rest of the suite). GPU (skipped without
+before the kernels are defined, and must not leak into the rest of the suite), outputs NaN-poisoned. GPU (skipped without
 CUDA): the lead's shapes against a float64 run of the torch path, with NaN-poisoned outputs.
 """
 
@@ -123,7 +123,7 @@ def check_cpu_case(case) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def interpreter_results():
     """Runs every CPU case in one subprocess under TRITON_INTERPRET=1 (one interpreter start)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FMA_TRITON_POISON": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, __file__, "--interpreter-cases"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -168,9 +168,7 @@ GPU_BATCH, GPU_HEADS, GPU_DIM, GPU_BLOCK, GPU_RANK = 2, 8, 64, 64, 2
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("n, padded", [(1024, False), (1024, True), (65536, False)])
 def test_gpu_fused_matches_float64(monkeypatch, kind, dtype, tolerance, n, padded):
-    from fma import triton_downsample
-
-    monkeypatch.setattr(triton_downsample, "POISON_OUTPUTS", True)  # unwritten elements stay NaN
+    monkeypatch.setenv("FMA_TRITON_POISON", "1")  # unwritten elements stay NaN
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     generator = torch.Generator().manual_seed(n + (dtype == torch.float32))
