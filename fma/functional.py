@@ -19,7 +19,6 @@ import torch
 from .local import block_neighbourhoods, exp_scores
 
 
-
 def kernel_output(shape, dtype, device) -> torch.Tensor:
     """An uninitialised buffer for a fused kernel to fill; full of NaN when FMA_TRITON_POISON=1, so
     that a test sees every element a kernel fails to write."""
