@@ -93,7 +93,7 @@ def main():
             ["variant", "length", "step", "kernels", "launches"],
             [[r["variant"], r["seq_len"], f"{r['ms']:.2f}", f"{r['gpu_busy_ms']:.2f}", f"{r['kernels_per_step']:,.0f}"]
              for r in rows if "gpu_busy_ms" in r])
-        (args.out / "train_profile.md").parent.mkdir(parents=True, exist_ok=True)
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "train_profile.md").write_text("\n\n".join(profiles) + "\n")
     write_reports(args.out, "train_throughput", rows, env, table)
     plot_against_length(args.out / "train_throughput.png", rows, "variant",

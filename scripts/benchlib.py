@@ -45,8 +45,6 @@ def benchmark_parser(doc: str, *, lengths: list[int], tokens: int, tokens_help: 
 
 
 def require_cuda(script: str) -> None:
-    import torch
-
     if not torch.cuda.is_available():
         raise SystemExit(f"{script} needs a CUDA GPU")
 

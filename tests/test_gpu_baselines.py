@@ -36,9 +36,9 @@ def test_local_flex_path_matches_blockwise_float64(causal, dtype, tolerance, n, 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-def test_reformer_on_the_gpu_matches_float64(causal, dtype, tolerance):
+def test_reformer_on_the_gpu_matches_float64(monkeypatch, causal, dtype, tolerance):
     """The same block-wise LSH code in low precision on the GPU (CPU-tested against plain loops)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
     generator = torch.Generator("cuda").manual_seed(7)
     q, v, grad = (torch.randn(2, 4, 2000, 64, device="cuda", generator=generator) for _ in range(3))
     buckets = torch.randint(16, (2, 4, 4, 2000), device="cuda", generator=generator)
