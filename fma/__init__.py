@@ -1,13 +1,21 @@
-"""Fast Multipole Attention and the attention kinds it is compared with, behind one registry."""
+"""Fast Multipole Attention and the attention kinds it is compared with, behind one registry.
 
-from . import full  # noqa: F401  (registers "full")
-from . import htransformer  # noqa: F401  (registers "htransformer")
-from . import linear  # noqa: F401  (registers "linear")
-from . import local  # noqa: F401  (registers "local")
-from . import reformer  # noqa: F401  (registers "reformer")
+One folder per operation, each with its plain reference (`naive.py`), its fast paths and its layer:
+multipole/ (FMA), downsample/ (FMA's learned basis), full/, local/, linear/, htransformer/,
+reformer/. Below them, importing nothing else from the package: indexing.py (valid lengths,
+levels, interaction lists, layouts, logit biases), softmax.py (split-softmax pieces), kernels.py
+(what the Triton kernels share), errors.py, layer.py (the shell every kind shares), registry.py.
+"""
+
 from .errors import ConfigurationError
+from .full import FullAttention  # noqa: F401  (registers "full")
+from .htransformer import HTransformer1D  # noqa: F401  (registers "htransformer")
 from .layer import AttentionLayer
-from .multipole import FastMultipoleAttention  # (registers "fma")
+from .linear import LinearAttention  # noqa: F401  (registers "linear")
+from .local import LocalAttention  # noqa: F401  (registers "local")
+from .multipole import FastMultipoleAttention, multipole_attention  # (registers "fma")
+from .reformer import ReformerAttention  # noqa: F401  (registers "reformer")
 from .registry import ATTENTION_KINDS, build_attention, register_attention
 
-__all__ = ["ATTENTION_KINDS", "AttentionLayer", "ConfigurationError", "FastMultipoleAttention", "build_attention", "register_attention"]
+__all__ = ["ATTENTION_KINDS", "AttentionLayer", "ConfigurationError", "FastMultipoleAttention", "build_attention",
+           "multipole_attention", "register_attention"]

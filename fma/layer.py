@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from .errors import ConfigurationError
+
 
 class AttentionLayer(nn.Module):
     """Multi-head self-attention with a kind-specific core.
@@ -16,8 +18,11 @@ class AttentionLayer(nn.Module):
 
     def __init__(self, *, dim: int, num_heads: int, causal: bool):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        if num_heads < 1 or dim < 1 or dim % num_heads:
+            raise ConfigurationError(
+                f"model.dim={dim} must split into model.num_heads={num_heads} heads of equal width (both positive, "
+                f"dim a multiple of num_heads); set model.dim= or model.num_heads=, e.g. model.dim=256 model.num_heads=4."
+            )
         self.dim, self.num_heads, self.causal = dim, num_heads, causal
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)

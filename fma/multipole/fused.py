@@ -1,6 +1,6 @@
 """Fused Triton kernels for Fast Multipole Attention: backend "triton" of `multipole_attention`.
 
-Same function as `fma.functional.block_local_attention` (one softmax per query over its fine keys
+Same function as `blocklocal.block_local_attention` (one softmax per query over its fine keys
 and the coarse summaries of every level, same masks and logit biases), without ever holding the
 gathered [blocks, S, d] key set or any n x n tensor.
 
@@ -39,13 +39,13 @@ FMA_TRITON_POISON=1 to allocate outputs filled with NaN (a test that every eleme
 """
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .functional import _key_logit_bias, block_local_layout, kernel_output
+from ..indexing import block_local_layout, key_logit_bias
+from ..kernels import interpreted, kernel_output
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -61,7 +61,7 @@ def launch_config(block_size: int, head_dim: int) -> dict:
 
 def triton_block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, rank, causal, scale_coarse,
                                  key_padding_mask, coarse_counts):
-    """Backend "triton": the same arguments and result as `functional.block_local_attention`.
+    """Backend "triton": the same arguments and result as `blocklocal.block_local_attention`.
 
     q, k, v [batch, heads, n, d]; coarse_k[l-1], coarse_v[l-1] [batch, heads, (n / w_l) p, d];
     key_padding_mask [batch, n] bool or None; coarse_counts per level [batch, (n / w_l) p] or None.
@@ -76,7 +76,7 @@ def triton_block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, ran
     )
     if unsupported:
         raise ValueError(f"the triton FMA backend does not support {unsupported}; use backend 'torch'")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not interpreted():
         raise ValueError(f"triton FMA backend needs CUDA tensors (got device {q.device}); use backend 'torch'")
     if batch * heads > 65535:  # the grid's second dimension
         raise ValueError(f"triton FMA backend supports batch * heads <= 65535, got {batch * heads}")
@@ -84,7 +84,7 @@ def triton_block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, ran
     if key_padding_mask is None and coarse_counts is None:  # the same for every call of this shape
         fine_bias, coarse_bias = None, _unmasked_coarse_bias(n, m, rank, scale_coarse, q.device)
     else:
-        score_bias = _key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_counts,
+        score_bias = key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_counts,
                                      torch.float32, q.device) * LOG2E  # base 2, like the kernels' scores
         fine_bias = score_bias[:, :n].contiguous() if key_padding_mask is not None else None
         coarse_bias = score_bias[:, n:].contiguous()
@@ -110,7 +110,7 @@ def _coarse_index(n: int, m: int, rank: int, causal: bool, device: torch.device)
 @functools.lru_cache(maxsize=32)
 def _unmasked_coarse_bias(n: int, m: int, rank: int, scale_coarse: bool, device: torch.device) -> torch.Tensor:
     """[1, C] base-2 logit bias of every summary when nothing is padded (one row for every batch)."""
-    return (_key_logit_bias(1, n, m, rank, scale_coarse, None, None, torch.float32, device) * LOG2E)[:, n:].contiguous()
+    return (key_logit_bias(1, n, m, rank, scale_coarse, None, None, torch.float32, device) * LOG2E)[:, n:].contiguous()
 
 
 def _batch_stride(bias):

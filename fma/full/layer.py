@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import ConfigurationError
-from .layer import AttentionLayer
-from .registry import register_attention
+from ..errors import ConfigurationError
+from ..layer import AttentionLayer
+from ..registry import register_attention
 
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,

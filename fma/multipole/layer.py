@@ -3,11 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-from .downsample import Downsample
-from .errors import ConfigurationError
-from .functional import BACKENDS, multipole_attention, padded_length, triton_supports
-from .layer import AttentionLayer
-from .registry import register_attention
+from ..downsample import FUSED_KINDS, Downsample
+from ..errors import ConfigurationError
+from ..indexing import padded_length
+from ..layer import AttentionLayer
+from ..registry import register_attention
+from .attention import BACKENDS, multipole_attention, triton_supports
 
 
 @register_attention("fma")
@@ -15,10 +16,12 @@ class FastMultipoleAttention(AttentionLayer):
     """Fine attention to neighbour blocks, learned coarse summaries farther away, one softmax.
 
     Options: block_size m (finest block), rank p (summaries per cell and level), downsample (how
-    cells are summarised, separately for keys and values, see fma/downsample.py), scale_coarse
-    (a summary counts as the tokens it stands for: + log(w/p) on its logit), backend ("auto": the
-    fused Triton kernels on CUDA where they support the shape, the portable "torch" path otherwise), max_seq_len (the longest input; learned
-    summaries have parameters per level, and the number of levels grows with length).
+    cells are summarised, separately for keys and values, see fma/downsample/), scale_coarse
+    (a summary counts as the tokens it stands for: + log(w/p) on its logit), max_seq_len (the
+    longest input; learned summaries have parameters per level, and the number of levels grows
+    with length), and backend, which governs both the attention and the downsampling: "torch" (the
+    portable paths), "triton" (the fused kernels), "auto" (each part on its kernel where that
+    supports the input, e.g. CUDA, its torch path otherwise).
 
     Any length works: a sequence is padded at the end to `padded_length` (m * 2^k, at least 4m).
     Padded positions, and positions marked in `padding_mask`, get exactly zero attention weight:
@@ -62,6 +65,12 @@ class FastMultipoleAttention(AttentionLayer):
             raise ConfigurationError(
                 f"Unknown FMA backend {backend!r}; use model.attention.backend= one of auto, {', '.join(BACKENDS)}."
             )
+        if backend == "triton" and downsample not in FUSED_KINDS:
+            raise ConfigurationError(
+                f"backend=triton runs every part of FMA on its kernels, and downsample={downsample} has none "
+                f"(fused: {', '.join(FUSED_KINDS)}); set model.attention.backend=auto (kernels where they "
+                f"exist) or torch, or model.attention.downsample= one of {', '.join(FUSED_KINDS)}."
+            )
         self.block_size, self.scale_coarse, self.max_seq_len = block_size, scale_coarse, max_seq_len
         self.backend = backend
         basis = dict(head_dim=self.head_dim, block_size=block_size, rank=rank, max_seq_len=max_seq_len)
@@ -69,7 +78,7 @@ class FastMultipoleAttention(AttentionLayer):
         self.value_downsample = Downsample(downsample, **basis)
 
     def resolved_backend(self, q: torch.Tensor) -> str:
-        """The backend that runs q: "auto" takes triton wherever it supports the input."""
+        """The attention's backend for q: "auto" takes triton wherever the kernels support q."""
         if self.backend != "auto":
             return self.backend
         return "triton" if triton_supports(q, self.block_size) else "torch"
@@ -89,8 +98,8 @@ class FastMultipoleAttention(AttentionLayer):
                 padding_mask = torch.zeros(batch, n, dtype=torch.bool, device=q.device)
             padding_mask = F.pad(padding_mask, (0, valid - n), value=True)
             q, k, v = (F.pad(x, (0, 0, 0, valid - n)) for x in (q, k, v))
-        coarse_k, coarse_counts = self.key_downsample(k, padding_mask)
-        coarse_v, _ = self.value_downsample(v, padding_mask)
+        coarse_k, coarse_counts = self.key_downsample(k, padding_mask, backend=self.backend)
+        coarse_v, _ = self.value_downsample(v, padding_mask, backend=self.backend)
         out = multipole_attention(
             q, k, v, coarse_k, coarse_v, block_size=self.block_size, causal=self.causal,
             scale_coarse=self.scale_coarse, key_padding_mask=padding_mask, coarse_counts=coarse_counts,

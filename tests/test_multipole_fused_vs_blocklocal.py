@@ -1,4 +1,5 @@
-"""The Triton backend of Fast Multipole Attention against the torch backend and the reference.
+"""FMA's fused Triton kernels (fma/multipole/fused.py) against its torch path (fma/multipole/blocklocal.py),
+and on the GPU against float64 and the reference (fma/multipole/naive.py); which paths `backend` picks.
 
 CPU: the kernels run under the Triton interpreter (TRITON_INTERPRET=1) in one subprocess, since
 the variable must be set before the kernels are defined and the rest of the suite imports `fma`
@@ -8,7 +9,6 @@ GPU (skipped without CUDA): float64 torch path on upcast copies as the ground tr
 
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -19,19 +19,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from fma import FastMultipoleAttention  # noqa: E402
+from attention_testing import relative_error  # noqa: E402
+from fma import FastMultipoleAttention, multipole_attention  # noqa: E402
 from fma.downsample import Downsample  # noqa: E402
-from fma.functional import block_local_attention, level_widths, multipole_attention, padded_length  # noqa: E402
-from fma.reference import reference_multipole_attention  # noqa: E402
+from fma.indexing import level_widths, padded_length  # noqa: E402
+from fma.multipole.naive import reference_multipole_attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def relative_error(actual, expected):
-    """||actual - expected|| / ||expected|| in float64; NaN never passes."""
-    actual, expected = actual.double(), expected.double()
-    error = ((actual - expected).norm() / expected.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
-    return math.inf if math.isnan(error) else error
 
 
 def random_inputs(n, *, block_size, rank, head_dim, batch, heads, dtype, device, seed, interior_padding=False):
@@ -150,6 +144,34 @@ def run_interpreter_case(causal, n, masks):
     return errors
 
 
+def backend_routes() -> dict[str, list[str]]:
+    """Per backend choice, the fused parts a CPU layer's forward and backward call (interpreted)."""
+    from fma.downsample import fused as fused_downsample
+    from fma.multipole import fused as fused_attention
+
+    called = set()
+
+    def spy(module, name, part):
+        original = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            called.add(part)
+            return original(*args, **kwargs)
+
+        setattr(module, name, wrapped)
+
+    spy(fused_attention, "triton_block_local_attention", "attention")
+    spy(fused_downsample, "fused_summaries", "downsampling")
+    routes = {}
+    for backend in ("torch", "triton", "auto"):
+        called.clear()
+        layer = FastMultipoleAttention(dim=32, num_heads=2, causal=True, block_size=16, rank=2, backend=backend,
+                                       max_seq_len=64)
+        layer(torch.randn(1, 64, 32)).sum().backward()
+        routes[backend] = sorted(called)
+    return routes
+
+
 @pytest.fixture(scope="module")
 def interpreter_results():
     """Runs every interpreter case in one subprocess (this file as a script) and returns its JSON."""
@@ -163,12 +185,18 @@ def interpreter_results():
 
 @pytest.mark.parametrize("case", list(INTERPRETER_CASES))
 def test_interpreted_kernels_match_torch_backend(interpreter_results, case):
-    errors = interpreter_results[case]
+    errors = interpreter_results["cases"][case]
     assert errors and all(error <= 1e-5 for error in errors.values()), errors
 
 
+def test_backend_governs_attention_and_downsampling(interpreter_results):
+    """torch: no kernel; triton: the attention kernels and the downsampling kernels; auto on the CPU: none."""
+    assert interpreter_results["backend routes"] == {
+        "torch": [], "triton": ["attention", "downsampling"], "auto": []}
+
+
 def test_unsupported_shapes_and_devices_raise_clear_errors():
-    from fma.triton_attention import triton_block_local_attention
+    from fma.multipole.fused import triton_block_local_attention
 
     def call(n=64, m=16, d=16, dtype=torch.float32):
         inputs = random_inputs(n, block_size=m, rank=2, head_dim=d, batch=1, heads=1, dtype=dtype,
@@ -233,7 +261,7 @@ def test_gpu_kernels_match_float64(n, causal, dtype):
 @gpu_numerics(lengths=[256, 1000])
 def test_gpu_module_matches_float64(n, causal, dtype):
     """Through FastMultipoleAttention (n=1000 is padded to 1024 and masked); gradients of q, k, v and
-    of the learned summaries' parameters; at n=256 also against fma/reference.py."""
+    of the learned summaries' parameters; at n=256 also against fma/multipole/naive.py."""
     generator = torch.Generator().manual_seed(n + causal)
     layer = FastMultipoleAttention(dim=256, num_heads=4, causal=causal, block_size=64, rank=2, max_seq_len=n)
     with torch.no_grad():
@@ -264,7 +292,7 @@ def test_gpu_module_matches_float64(n, causal, dtype):
                                                  block_size=64, causal=causal, scale_coarse=True)
         from_reference = run(exact, reference, [x.double() for x in qkv])
         for name, a, e in zip(names, actual, from_reference):
-            assert relative_error(a, e) <= TOLERANCE[dtype], f"{name} vs fma/reference.py"
+            assert relative_error(a, e) <= TOLERANCE[dtype], f"{name} vs fma/multipole/naive.py"
 
 
 @cuda
@@ -299,4 +327,5 @@ def test_gpu_query_with_no_key_outputs_zero():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpreter-cases"]:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    print(json.dumps({name: run_interpreter_case(**case) for name, case in INTERPRETER_CASES.items()}))
+    print(json.dumps({"cases": {name: run_interpreter_case(**case) for name, case in INTERPRETER_CASES.items()},
+                      "backend routes": backend_routes()}))

@@ -34,17 +34,13 @@ sets of real tokens are those of the unpadded sequence.
 
 Cost per head: O(n * n_hashes * w * d) time; memory O(n * n_hashes * w) floats besides q, k, v, and
 n * n_hashes^2 * w booleans (whether each query sees each key slot in each round).
-`lsh_attention_reference` recomputes the key sets with plain loops for the tests.
+`naive.py` recomputes the key sets with plain loops for the tests.
 """
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .errors import ConfigurationError
-from .layer import AttentionLayer
-from .local import at_positions, block_neighbourhoods, exp_scores, merge_pieces
-from .registry import register_attention
+from ..indexing import at_positions, block_neighbourhoods
+from ..softmax import exp_scores, merge_pieces
 
 SELF_LOGIT = -1e5
 
@@ -93,64 +89,3 @@ def lsh_attention(q, k, v, buckets, *, window: int, causal: bool) -> torch.Tenso
         return x.flatten(3, 4)[:, :, :, :n].take_along_dim(rank.unsqueeze(-1), dim=3)
 
     return merge_pieces(unsort(row_max), unsort(numerator), unsort(row_sum), dim=2).to(q.dtype)
-
-
-def lsh_attention_reference(q, k, v, buckets, *, window: int, causal: bool) -> torch.Tensor:
-    """The same attention with plain loops: per query the union of its key sets over rounds, itself
-    only when that union holds nothing else, and one softmax (no padding)."""
-    batch, heads, rounds, n = buckets.shape
-    rows = []
-    for b in range(batch):
-        for h in range(heads):
-            for i in range(n):
-                seen = set()
-                for r in range(rounds):
-                    same = [j for j in range(n) if buckets[b, h, r, j] == buckets[b, h, r, i]]  # in sorted order
-                    place = same.index(i)
-                    seen.update(same[max(0, place - window + 1) : place + 1 if causal else place + window])
-                keys = sorted(seen - {i}) or [i]
-                weights = torch.softmax(k[b, h, keys] @ q[b, h, i] * q.shape[-1] ** -0.5, 0)
-                rows.append(weights @ v[b, h, keys])
-    return torch.stack(rows).view(q.shape)
-
-
-@register_attention("reformer")
-class ReformerAttention(AttentionLayer):
-    """LSH attention with a shared query/key projection; options as named in the paper:
-    n_hashes (rounds), n_buckets (1, or even), chunk_size (w above), fresh_rotations."""
-
-    def __init__(self, *, dim: int, num_heads: int, causal: bool, n_hashes: int = 4, n_buckets: int = 32,
-                 chunk_size: int = 64, fresh_rotations: bool = True):
-        super().__init__(dim=dim, num_heads=num_heads, causal=causal)
-        if n_hashes < 1:
-            raise ConfigurationError(f"n_hashes={n_hashes} must be at least 1; set model.attention.n_hashes=.")
-        if n_buckets != 1 and (n_buckets < 2 or n_buckets % 2):
-            raise ConfigurationError(
-                f"n_buckets={n_buckets} must be 1 or even (angular LSH gives 2 buckets per rotation column); "
-                f"set model.attention.n_buckets=."
-            )
-        if chunk_size < 1:
-            raise ConfigurationError(f"chunk_size={chunk_size} must be at least 1; set model.attention.chunk_size=.")
-        self.n_hashes, self.n_buckets, self.chunk_size = n_hashes, n_buckets, chunk_size
-        self.fresh_rotations = fresh_rotations
-        self.qkv = nn.Linear(dim, 2 * dim, bias=False)  # shared query/key, and value
-        self.register_buffer("rotations", torch.randn(num_heads, self.head_dim, n_hashes, n_buckets // 2))
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[batch, seq, dim] -> query, key = query / |query|, value; each [batch, heads, seq, head_dim]."""
-        batch, seq, _ = x.shape
-        shared, v = self.qkv(x).view(batch, seq, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return shared, F.normalize(shared, dim=-1), v
-
-    def buckets(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys [b, h, n, d] -> buckets [b, h, n_hashes, n]."""
-        if self.n_buckets == 1:
-            return torch.zeros(*keys.shape[:2], self.n_hashes, keys.shape[2], dtype=torch.long, device=keys.device)
-        fresh = self.training and self.fresh_rotations
-        return hash_buckets(keys, torch.randn_like(self.rotations) if fresh else self.rotations)
-
-    def attend(self, q, k, v, padding_mask):
-        buckets = self.buckets(k)
-        if padding_mask is not None:
-            buckets = buckets.masked_fill(padding_mask[:, None, None, :], self.n_buckets)
-        return lsh_attention(q, k, v, buckets, window=self.chunk_size, causal=self.causal)

@@ -1,26 +1,24 @@
-"""Fast Multipole Attention: interaction lists, exactness, fast path vs reference, causality, padding."""
+"""Fast Multipole Attention's torch path (fma/multipole/blocklocal.py, through the layer) against its
+reference (fma/multipole/naive.py) and exact attention (fma/full/naive.py): interaction lists,
+exactness, outputs and gradients, causality, padding."""
 
 import copy
-import math
 
 import pytest
 import torch
 
-from fma import ConfigurationError, FastMultipoleAttention, build_attention
+from attention_testing import relative_error
+from fma import ConfigurationError, FastMultipoleAttention, build_attention, multipole_attention
 from fma.downsample import Downsample
-from fma.functional import block_local_layout, level_widths, multipole_attention, padded_length
-from fma.reference import interaction_lists, reference_multipole_attention
+from fma.full.naive import softmax_attention
+from fma.indexing import block_local_layout, level_widths, padded_length
+from fma.multipole.naive import interaction_lists, reference_multipole_attention
 
 BLOCK, RANK, HEAD_DIM = 4, 2, 8
 
 
 def randn(generator, *shape, dtype=torch.float64):
     return torch.randn(*shape, generator=generator, dtype=dtype)
-
-
-def relative_error(actual, expected):
-    """||actual - expected|| / ||expected||; where expected is exactly zero, only exact zero passes."""
-    return ((actual - expected).norm() / expected.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
 
 
 def make_layer(kind, causal, seed, *, block_size=BLOCK, rank=RANK, max_seq_len=128):
@@ -41,18 +39,6 @@ def reference(layer, q, k, v, padding_mask=None):
         q, k, v, layer.key_downsample, layer.value_downsample, block_size=layer.block_size,
         causal=layer.causal, scale_coarse=layer.scale_coarse, padding_mask=padding_mask,
     )
-
-
-def full_attention(q, k, v, causal, padding_mask=None):
-    """Plain softmax(q k^T / sqrt(d)) v with a causal mask and/or masked padded keys."""
-    n = q.shape[2]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    hidden = torch.zeros(n, n, dtype=torch.bool)
-    if causal:
-        hidden = torch.ones(n, n, dtype=torch.bool).triu(1)
-    if padding_mask is not None:
-        hidden = hidden | padding_mask[:, None, None, :]
-    return torch.softmax(scores.masked_fill(hidden, -math.inf), dim=-1) @ v
 
 
 def interior_padding(generator, batch, n):
@@ -100,7 +86,7 @@ def test_equals_full_attention_when_keys_and_values_are_constant_within_coarsest
     k, v = (randn(generator, 2, 2, 4, HEAD_DIM).repeat_interleave(coarsest, dim=2)[:, :, :n] for _ in range(2))
     padding_mask = interior_padding(generator, 2, n) if with_padding_mask else None
     layer = make_layer("avgpool", causal, seed=0)
-    expected = full_attention(q, k, v, causal, padding_mask)
+    expected = softmax_attention(q, k, v, causal=causal, padding_mask=padding_mask)
     assert relative_error(layer.attend(q, k, v, padding_mask), expected) < 1e-10
     assert relative_error(reference(layer, q, k, v, padding_mask), expected) < 1e-10
 
@@ -112,7 +98,7 @@ def test_sequences_of_at_most_two_blocks_get_exact_full_attention(causal, n):
     generator = torch.Generator().manual_seed(10)
     q, k, v = (randn(generator, 2, 2, n, HEAD_DIM) for _ in range(3))
     out = make_layer("groupedconv", causal, seed=11).attend(q, k, v, None)
-    assert relative_error(out, full_attention(q, k, v, causal)) < 1e-10
+    assert relative_error(out, softmax_attention(q, k, v, causal=causal)) < 1e-10
 
 
 # Fast path against the reference ------------------------------------------------------------------

@@ -8,30 +8,29 @@ Kinds (shared/docs/fma-algorithm.md), all shared across heads, one set of parame
 - avgpool: the p summaries are means of w_l / p consecutive tokens; nothing is learned.
 A summary mixes only tokens of its own cell, which keeps the causal version leak-free.
 
-groupedconv and avgpool also have a fused Triton path (fma/triton_downsample.py: all levels in one
-pass over x, forward and backward). `Downsample.forward` takes it for CUDA inputs, or wherever
-`fused=True` (argument) or `FUSED = True` (module switch) asks for it, e.g. tests on the CPU under
-TRITON_INTERPRET=1; `fused=False` / `FUSED = False` keep the torch code below, which stays the
-reference. The fused path returns its summaries in x's dtype, as views of one buffer [B, H, T, d].
+Two paths, chosen by `backend` (the FMA layer passes its own): "torch" (`cellwise.py`, any device),
+"triton" (`fused.py`: groupedconv and avgpool, all levels in one pass over x, forward and backward;
+CUDA, or the CPU under TRITON_INTERPRET=1), "auto" (triton for CUDA inputs it supports, else torch).
+The fused path returns its summaries in x's dtype, as views of one buffer [B, H, T, d].
 """
 
 import torch
 from torch import nn
 
-from .errors import ConfigurationError
-from .functional import level_widths, padded_length, triton_installed
+from ..errors import ConfigurationError
+from ..indexing import level_widths, padded_length
+from ..kernels import triton_installed
+from .cellwise import real_counts, summarise
 
 DOWNSAMPLE_KINDS = ("groupedconv", "conv", "avgpool")
 FUSED_KINDS = ("groupedconv", "avgpool")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# None: fused for CUDA inputs when Triton is installed; True: fused wherever supported; False: never.
-FUSED: bool | None = None
 
 
 class Downsample(nn.Module):
     """Coarse summaries of every cell at every level for one of keys or values.
 
-    forward(x [batch, heads, n, d], padding_mask [batch, n] bool or None), n a valid length ->
+    forward(x [batch, heads, n, d], padding_mask [batch, n] bool or None, backend), n a valid length ->
       summaries: per level l = 1..L, [batch, heads, (n / w_l) * p, d], cell-major;
       counts: None when nothing is padded (each summary stands for w_l / p tokens), else per level
         [batch, (n / w_l) * p], how many real tokens each summary stands for (0: masked).
@@ -62,58 +61,39 @@ class Downsample(nn.Module):
             self.weight[f"level{level}"] = nn.Parameter(weight.clone())
             self.bias[f"level{level}"] = nn.Parameter(torch.zeros(rank, head_dim))
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, fused: bool | None = None):
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, backend: str = "auto"):
         widths = level_widths(x.shape[2], self.block_size)
         if padding_mask is None:
             counts = None
         else:
             x = x.masked_fill(padding_mask[:, None, :, None], 0)
             real = (~padding_mask).to(torch.promote_types(x.dtype, torch.float32))
-            counts = [self.real_counts(real, width) for width in widths]
-        if self.use_fused(x, fused):
-            from .triton_downsample import fused_summaries, split_levels  # imports Triton: only here
+            counts = [real_counts(self.kind, real, width, self.rank) for width in widths]
+        levels = range(1, len(widths) + 1)
+        weights = [self.weight[f"level{level}"] for level in levels] if self.weight else [None] * len(widths)
+        biases = [self.bias[f"level{level}"] for level in levels] if self.bias else [None] * len(widths)
+        if self.resolved_backend(x, backend) == "triton":
+            from .fused import fused_summaries, split_levels  # imports Triton: only here
 
-            weights = [self.weight[f"level{level}"] for level in range(1, len(widths) + 1)] if self.weight else None
-            biases = [self.bias[f"level{level}"] for level in range(1, len(widths) + 1)] if self.bias else None
             buffer = fused_summaries(x, self.kind, self.block_size, self.rank, weights, biases, counts)
             return split_levels(buffer, self.block_size, self.rank), counts
-        summaries = [
-            self.summarise(x, level, width, None if counts is None else counts[level - 1])
-            for level, width in enumerate(widths, 1)
-        ]
+        summaries = [summarise(self.kind, x, width, self.rank, weight, bias, None if counts is None else count)
+                     for width, weight, bias, count in zip(widths, weights, biases, counts or [None] * len(widths))]
         return summaries, counts
 
-    def use_fused(self, x: torch.Tensor, fused: bool | None = None) -> bool:
-        """Whether forward takes the fused Triton path (see the module docstring)."""
-        wanted = FUSED if fused is None else fused
-        if wanted is False or self.kind not in FUSED_KINDS or x.dtype not in FUSED_DTYPES:
-            return False
-        if not level_widths(x.shape[2], self.block_size):
-            return False
-        return True if wanted else x.is_cuda and triton_installed()
-
-    def real_counts(self, real: torch.Tensor, width: int) -> torch.Tensor:
-        """real [batch, n] (1 real, 0 pad) -> [batch, (n / w) * p]: real tokens behind each summary:
-        those of its segment (avgpool), or those of its cell shared by its p summaries (learned)."""
-        if self.kind == "avgpool":
-            return real.unflatten(1, (-1, width // self.rank)).sum(2)
-        return real.unflatten(1, (-1, width)).sum(2).repeat_interleave(self.rank, 1) / self.rank
-
-    def summarise(self, x: torch.Tensor, level: int, width: int, counts: torch.Tensor | None) -> torch.Tensor:
-        """x [batch, heads, n, d], zero at pads -> level summaries [batch, heads, (n / w) * p, d]."""
-        if self.kind == "avgpool":
-            segment = width // self.rank
-            sums = x.unflatten(2, (-1, segment)).sum(3)
-            return sums / (segment if counts is None else counts.clamp_min(1)[:, None, :, None].to(x.dtype))
-        cells = x.unflatten(2, (-1, width))  # [batch, heads, cells, w, d]
-        weight = self.weight[f"level{level}"]
-        if self.kind == "groupedconv":
-            # Broadcast multiply and sum: on the CPU, einsum("bhcwd,rwd->bhcrd") with a trainable
-            # weight ran about 60 times slower (torch 2.13).
-            summary = (cells.unsqueeze(3) * weight).sum(4)
-        else:
-            summary = torch.einsum("bhcwi,rwio->bhcro", cells, weight)
-        return (summary + self.bias[f"level{level}"]).flatten(2, 3)
+    def resolved_backend(self, x: torch.Tensor, backend: str) -> str:
+        """The path that summarises x: "auto" takes triton for CUDA inputs it supports. An explicit
+        "triton" that cannot run x (no kernel for the kind or dtype) is an error, not a silent fall-back."""
+        fusable = self.kind in FUSED_KINDS and x.dtype in FUSED_DTYPES
+        if backend == "auto":
+            return "triton" if fusable and x.is_cuda and triton_installed() else "torch"
+        if backend == "triton" and not fusable:
+            raise ConfigurationError(
+                f"The triton backend has no kernel for downsample={self.kind} in {x.dtype} (fused: "
+                f"{', '.join(FUSED_KINDS)} in {', '.join(str(t) for t in FUSED_DTYPES)}); set "
+                f"model.attention.backend=auto or torch, or model.attention.downsample= one of {', '.join(FUSED_KINDS)}."
+            )
+        return backend
 
 
 def segment_average(width: int, rank: int) -> torch.Tensor:

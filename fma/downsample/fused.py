@@ -1,6 +1,6 @@
 """Fused Triton kernels for the learned downsampling (`groupedconv`) and `avgpool`: every level at once.
 
-What is computed (fma/downsample.py; method spec: shared/docs/fma-algorithm.md): for keys (or values)
+What is computed (`cellwise.py`; method spec: shared/docs/fma-algorithm.md): for keys (or values)
 x [B, H, n, d] and levels l = 1..L of cell width w_l = m * 2^(l-1) (the widest, W* = n / 4),
     S_l[bh, cell, r, c] = b_l[r, c] + sum_{t < w_l} W_l[r, t, c] * x[bh, cell * w_l + t, c].
 avgpool is the same with W_l[r, t, c] = [t // (w_l / p) == r], no bias, times p / w_l, or times
@@ -11,7 +11,7 @@ concatenating. Summaries come out in x's dtype (the torch path promotes bf16 x w
 to fp32).
 
 API: `fused_summaries(x, kind, block_size, rank, weights, biases, counts) -> buffer` (autograd: dx,
-dW, db); `split_levels(buffer, block_size, rank)`; `benchmark_downsample(...)` for timing.
+dW, db); `split_levels(buffer, block_size, rank)`. Timing: scripts/bench_downsample.py.
 
 Floor (bytes moved at the H200's copy rate) at n = 65,536, B = 2, H = 8, d = 64, m = 64, p = 2, bf16 (L = 9 levels, T = 4,088
 summaries per head), H200 copy rate ~4.3 TB/s:
@@ -46,7 +46,7 @@ Design (each kernel reads x, or writes dx, exactly once; nothing per level):
 
 Measured on an H200 (triton 3.6, torch 2.11) at the shape above, bf16, median of do_bench:
   kernels: forward ~280 us, dx ~270 us, dW ~290 us (each ~8x its share of the floor). Through
-  `Downsample` (benchmark_downsample): forward 0.34 ms, forward + backward 1.6 ms, against 8.9 ms and
+  `Downsample` (scripts/bench_downsample.py): forward 0.34 ms, forward + backward 1.6 ms, against 8.9 ms and
   26.1 ms for the torch path. About 0.9 ms of the 1.6 is GPU work (the three kernels, the split /
   cat of the weights and gradients, db); the rest is host-side launch and autograd overhead, which
   dominates at small n (n = 4,096: 1.3 ms fused, 1.5 ms torch; 16,384: 1.4 vs 5.4 ms). fp32
@@ -79,10 +79,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .functional import kernel_output, level_widths
+from ..indexing import level_widths
+from ..kernels import interpreted, kernel_output
 
 # Under the Triton interpreter (CPU) half-precision products run on upcast values (see _dot).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERPRETED = interpreted()
 # Tests may force the forward chunk (in-cell offsets per program; a multiple of m dividing n / 4).
 FORWARD_CHUNK: int | None = None
 
@@ -90,6 +91,9 @@ FORWARD_CHUNK: int | None = None
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------
+# Loop trip counts (CHUNK // TOK, E_GROUPS) are compile-time constants: one compilation per value, a
+# few per shape, and the Triton 3.6 interpreter cannot iterate over a run-time bound (with numpy >= 2.4
+# its scalars are 1-element arrays that `range` refuses).
 
 
 @triton.jit
@@ -139,7 +143,7 @@ def _pairs(first, E: tl.constexpr, NTOP, BH, W_TOP, o0):
 def _forward_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, scratch_ptr,
     H, BH, sx_b, sx_h, sx_n, sx_d,
-    d, m, num_levels, W_TOP, NTOP, N2, T, CHUNK, COARSE_OFF, TC, W_LO, NC, NE,
+    d, m, num_levels, W_TOP, NTOP, N2, T, CHUNK: tl.constexpr, COARSE_OFF, TC, W_LO, NC, NE,
     P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
     BT: tl.constexpr, AVG: tl.constexpr, SPLIT_W: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
@@ -211,7 +215,7 @@ def _forward_kernel(
 @triton.jit
 def _grad_input_kernel(
     g_ptr, w_ptr, dx_ptr,
-    BH, n, d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS, W_LO, G_LO, NC, NE,
+    BH, n, d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS: tl.constexpr, W_LO, G_LO, NC, NE,
     P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
     BT: tl.constexpr, AVG: tl.constexpr, SPLIT_W: tl.constexpr, SPLIT_G: tl.constexpr,
     PRECISION: tl.constexpr, EMULATE: tl.constexpr,
@@ -252,7 +256,7 @@ def _grad_input_kernel(
 def _grad_weight_kernel(
     x_ptr, g_ptr, dw_ptr,
     H, BH, sx_b, sx_h, sx_n, sx_d,
-    d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS, NC, NE,
+    d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS: tl.constexpr, NC, NE,
     P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
     BT: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
@@ -565,49 +569,3 @@ def split_levels(buffer: torch.Tensor, block_size: int, rank: int) -> list[torch
     assert layout.total == total, f"{total} summaries fit no valid length for block_size {block_size}, rank {rank}"
     sizes = [layout.offsets[i + 1] - layout.offsets[i] for i in range(layout.num_levels)]
     return list(buffer.split(sizes, dim=2))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Benchmark helper: the "Through `Downsample`" timings in the module docstring (CUDA only)
-# ---------------------------------------------------------------------------------------------------
-
-
-def benchmark_downsample(n=65536, batch=2, heads=8, d=64, m=64, p=2, dtype=torch.bfloat16, kind="groupedconv"):
-    """Median milliseconds (triton.testing.do_bench) of `Downsample` on CUDA, fused vs torch path.
-
-    The input is a non-contiguous view [batch, heads, n, d] of a qkv-like projection, as in the model;
-    gradients are taken with torch.autograd.grad (w.r.t. x and the parameters, nothing accumulated).
-    Returns {"fused_ms", "torch_ms"} (forward + backward), {"fused_fwd_ms", "torch_fwd_ms"} and
-    "floor_fwd_bwd_ms" (x read twice, dx written, summaries written and read, at 4.3 TB/s).
-    """
-    from triton.testing import do_bench
-
-    from .downsample import Downsample
-
-    device = "cuda"
-    module = Downsample(kind, head_dim=d, block_size=m, rank=p, max_seq_len=n).to(device)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.add_(0.01 * torch.randn_like(param))
-    qkv = torch.randn(batch, n, 3, heads, d, device=device, dtype=dtype)
-    x = qkv[:, :, 1].permute(0, 2, 1, 3).detach().requires_grad_()  # non-contiguous, like fma/multipole.py
-    wrt = [x, *module.parameters()]
-    layout = Layout.of(n, m, p)
-    grad = torch.randn(batch, heads, layout.total, d, device=device, dtype=dtype)
-    results = {}
-    for name, fused in (("fused", True), ("torch", False)):
-        def fwd():
-            return module(x, None, fused=fused)[0]
-
-        def fwd_bwd():
-            out = fwd()
-            grads = [g.to(o.dtype) for g, o in zip(split_levels(grad, m, p), out)]
-            torch.autograd.grad(out, wrt, grads)
-
-        results[f"{name}_fwd_ms"] = do_bench(fwd, return_mode="median")
-        results[f"{name}_ms"] = do_bench(fwd_bwd, return_mode="median")
-    elem = torch.finfo(dtype).bits // 8
-    x_bytes = batch * heads * n * d * elem
-    s_bytes = batch * heads * layout.total * d * elem
-    results["floor_fwd_bwd_ms"] = (3 * x_bytes + 2 * s_bytes) / 4.3e12 * 1e3
-    return results

@@ -1,8 +1,8 @@
 """Plain, slow Fast Multipole Attention: the ground truth that every faster path is tested against.
 
 Written straight from shared/docs/fma-algorithm.md, one query and one cell at a time, in any dtype.
-Shares only `padded_length` and `level_widths` (definitions, not computation) with the fast path.
-Never used for training.
+Shares only `padded_length` and `level_widths` (definitions, not computation) with the fast paths,
+and takes the summaries from the downsampling's own reference. Never used for training.
 """
 
 import math
@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .downsample import Downsample
-from .functional import level_widths, padded_length
+from ..downsample.naive import summarise_cell
+from ..indexing import level_widths, padded_length
 
 
 def interaction_lists(n: int, block_size: int, causal: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
@@ -42,8 +42,8 @@ def reference_multipole_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_downsample: Downsample,
-    value_downsample: Downsample,
+    key_downsample,
+    value_downsample,
     *,
     block_size: int,
     causal: bool,
@@ -51,6 +51,8 @@ def reference_multipole_attention(
     padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q, k, v [batch, heads, n, d] (any n), padding_mask [batch, n] (True = pad) -> [batch, heads, n, d].
+
+    key_downsample, value_downsample: the layer's `Downsample` modules (their kind, rank and weights).
 
     The sequence is thought of as padded to `padded_length(n)`; pads (and masked positions) are
     never attended to: fine pads get logit -inf, summaries use real tokens only with real counts.
@@ -67,8 +69,8 @@ def reference_multipole_attention(
     for level, w in enumerate(level_widths(valid, block_size), 1):
         for cell in range(valid // w):
             tokens = slice(cell * w, (cell + 1) * w)
-            ck, counts = _summarise_cell(padded_k[:, :, tokens], real[:, tokens], key_downsample, level)
-            cv, _ = _summarise_cell(padded_v[:, :, tokens], real[:, tokens], value_downsample, level)
+            ck, counts = summarise_cell(padded_k[:, :, tokens], real[:, tokens], key_downsample, level)
+            cv, _ = summarise_cell(padded_v[:, :, tokens], real[:, tokens], value_downsample, level)
             summaries[level, cell] = ck, cv, counts
 
     outputs = []
@@ -88,26 +90,3 @@ def reference_multipole_attention(
         outputs.append(torch.einsum("bhs,bhsd->bhd", weights, torch.cat(values, 2)))
     return torch.stack(outputs, dim=2)
 
-
-def _summarise_cell(x, real, downsample: Downsample, level: int):
-    """x [batch, heads, w, d]: one level-`level` cell; real [batch, w] bool (False = pad)
-    -> summaries [batch, heads, p, d] of its real tokens, counts [batch, p] of real tokens behind each."""
-    p, dtype = downsample.rank, x.dtype
-    x = x.masked_fill(~real[:, None, :, None], 0)
-    if downsample.kind == "avgpool":
-        segment = x.shape[2] // p
-        sums, counts = [], []
-        for r in range(p):
-            part = slice(r * segment, (r + 1) * segment)
-            sums.append(x[:, :, part].sum(2))
-            counts.append(real[:, part].sum(1).to(dtype))
-        counts = torch.stack(counts, 1)
-        return torch.stack(sums, 2) / counts.clamp_min(1)[:, None, :, None], counts
-    weight = downsample.weight[f"level{level}"]
-    bias = downsample.bias[f"level{level}"]
-    if downsample.kind == "groupedconv":
-        summary = bias + torch.einsum("bhtd,rtd->bhrd", x, weight)
-    else:
-        summary = bias + torch.einsum("bhtc,rtco->bhro", x, weight)
-    counts = (real.sum(1, keepdim=True).to(dtype) / p).expand(-1, p)
-    return summary, counts

@@ -28,20 +28,17 @@ scores. Either way each level's pieces are repeated to every query for the one m
 Padding: coarse tokens average real tokens only and count real tokens; a coarse token with none is
 hidden; padded fine keys are hidden from every query but themselves.
 
-`hierarchical_attention_reference` is a plain per-query loop over explicit coverage lists
-(`coverage`); the tests hold the fast path to it.
+`naive.py` holds a plain per-query loop over explicit coverage lists (`coverage`); the tests hold
+this path to it.
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigurationError
-from .functional import coarse_cells
-from .layer import AttentionLayer
-from .local import at_positions, exp_scores, merge_pieces, neighbour_block_attention
-from .registry import register_attention
+from ..indexing import at_positions, coarse_cells
+from ..local.blockwise import neighbour_block_attention
+from ..softmax import exp_scores, merge_pieces
+
 
 def num_levels(n: int, block_size: int) -> int:
     """Coarse levels L: the fewest with n <= 2 * block_size * 2^L (0 when two blocks hold the sequence)."""
@@ -105,63 +102,3 @@ def coarse_level(q, k, v, real, level: int, block_size: int, causal: bool):
     numerator = weights.to(v.dtype) @ at_positions(average(v), key_tokens)
     pieces = [piece.flatten(2, 3) for piece in (row_max, numerator, row_sum)]
     return pieces if causal else [piece.repeat_interleave(group, dim=2) for piece in pieces]  # to every query
-
-
-def coverage(i: int, n: int, block_size: int, causal: bool) -> list[tuple[int, int]]:
-    """Query i's key set, built from the span definition: [(level, first token)] where a level-0
-    entry is one token and a level-l entry the coarse token [first, first + 2^l) (its tokens past
-    n - 1 are padding)."""
-    def span(level):
-        width = block_size << level
-        block = i // width
-        return set(range(max(0, (block - 1) * width), min(n, (block + 2) * width, i + 1 if causal else n)))
-
-    entries = [(0, j) for j in sorted(span(0))]
-    for level in range(1, num_levels(n, block_size) + 1):
-        firsts = {j >> level << level for j in span(level) - span(level - 1)}
-        entries += [(level, first) for first in sorted(firsts)]
-    return entries
-
-
-def hierarchical_attention_reference(q, k, v, *, block_size: int, causal: bool, padding_mask=None) -> torch.Tensor:
-    """The same attention as a loop over batch, head and query with explicit `coverage` lists."""
-    batch, heads, n, head_dim = q.shape
-    real = torch.ones(batch, n, dtype=torch.bool) if padding_mask is None else ~padding_mask
-    rows = []
-    for b in range(batch):
-        for h in range(heads):
-            for i in range(n):
-                logits, values = [], []
-                for level, first in coverage(i, n, block_size, causal):
-                    # A coarse token averages its real tokens; a padded fine key is seen by itself only.
-                    tokens = [j for j in range(first, min(n, first + (1 << level))) if real[b, j] or j == i]
-                    if not tokens:
-                        continue
-                    if level == 0 or causal:
-                        query = q[b, h, i]
-                    else:
-                        first_own = (i >> level) << level
-                        own = [j for j in range(first_own, min(n, first_own + (1 << level))) if real[b, j]]
-                        query = q[b, h, own].sum(0) / max(len(own), 1)
-                    logits.append(query @ k[b, h, tokens].mean(0) * head_dim**-0.5 + math.log(len(tokens)))
-                    values.append(v[b, h, tokens].mean(0))
-                rows.append(torch.softmax(torch.stack(logits), 0) @ torch.stack(values))
-    return torch.stack(rows).view(batch, heads, n, head_dim)
-
-
-@register_attention("htransformer")
-class HTransformer1D(AttentionLayer):
-    """H-Transformer-1D attention; block_size is the paper's Nr (tokens per block at every level)."""
-
-    def __init__(self, *, dim: int, num_heads: int, causal: bool, block_size: int = 16):
-        super().__init__(dim=dim, num_heads=num_heads, causal=causal)
-        if block_size < 2 or block_size % 2:
-            raise ConfigurationError(
-                f"block_size={block_size} must be even and at least 2 (a block at level l holds block_size/2 "
-                f"coarse tokens of level l+1); set model.attention.block_size=."
-            )
-        self.block_size = block_size
-
-    def attend(self, q, k, v, padding_mask):
-        return hierarchical_attention(q, k, v, block_size=self.block_size, causal=self.causal,
-                                      padding_mask=padding_mask)

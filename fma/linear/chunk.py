@@ -4,8 +4,8 @@
 
 Non-causal: phi(K)^T V ([d, d]) and sum_j phi(k_j) once, O(n d^2). Causal, chunked: within a chunk
 the quadratic form with a causal mask; across chunks the running state sum phi(k_j) v_j^T of all
-earlier chunks, one [d, d] state per chunk (never one per position). `linear_attention_reference`
-is the plain O(n^2) formula the tests hold both paths to.
+earlier chunks, one [d, d] state per chunk (never one per position). `naive.py` holds the plain
+O(n^2) formula the tests hold both paths to.
 
 Precision: the feature map and every sum run in float32 (float64 stays float64) and the output is
 cast back. In bf16, elu(x) + 1 rounds to 0 for x below about -5.5, and long sums lose the small terms.
@@ -13,10 +13,6 @@ cast back. In bf16, elu(x) + 1 rounds to 0 for x below about -5.5, and long sums
 
 import torch
 import torch.nn.functional as F
-
-from .errors import ConfigurationError
-from .layer import AttentionLayer
-from .registry import register_attention
 
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -62,32 +58,3 @@ def causal_chunked_sums(phi_q, phi_k, v, chunk_size: int) -> tuple[torch.Tensor,
 def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     """Sums over the chunks before each chunk (dim 2), starting from zero; no subtraction, so no cancellation."""
     return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2).cumsum(2)
-
-
-def linear_attention_reference(q, k, v, *, causal: bool, eps: float) -> torch.Tensor:
-    """The O(n^2) formula, for tests: weights phi(q_i).phi(k_j), lower-triangular when causal."""
-    weights = feature_map(q) @ feature_map(k).transpose(-1, -2)
-    if causal:
-        weights = weights.tril()
-    return weights @ v / (weights.sum(-1, keepdim=True) + eps)
-
-
-@register_attention("linear")
-class LinearAttention(AttentionLayer):
-    """Linear attention with elu + 1 features (no 1/sqrt(d): the feature map replaces the softmax).
-
-    chunk_size: positions per chunk in the causal form (quadratic within, recurrent across).
-    eps: added to the normaliser.
-    """
-
-    def __init__(self, *, dim: int, num_heads: int, causal: bool, chunk_size: int = 64, eps: float = 1e-6):
-        super().__init__(dim=dim, num_heads=num_heads, causal=causal)
-        if chunk_size < 1:
-            raise ConfigurationError(f"chunk_size={chunk_size} must be at least 1; set model.attention.chunk_size=.")
-        if eps < 0:
-            raise ConfigurationError(f"eps={eps} must not be negative; set model.attention.eps=.")
-        self.chunk_size, self.eps = chunk_size, eps
-
-    def attend(self, q, k, v, padding_mask):
-        return linear_attention(q, k, v, causal=self.causal, chunk_size=self.chunk_size, eps=self.eps,
-                                padding_mask=padding_mask)

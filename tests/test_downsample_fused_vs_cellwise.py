@@ -1,4 +1,4 @@
-"""The fused Triton downsampling (fma/triton_downsample.py) against the torch path of `Downsample`.
+"""The fused Triton downsampling (fma/downsample/fused.py) against its torch path (fma/downsample/cellwise.py).
 
 CPU: the kernels run under the Triton interpreter in a subprocess (TRITON_INTERPRET=1 must be set
 before the kernels are defined, and must not leak into the rest of the suite), outputs NaN-poisoned. GPU (skipped without
@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from attention_testing import relative_error
+from fma import ConfigurationError, FastMultipoleAttention
 from fma.downsample import Downsample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +53,8 @@ def case_id(case) -> str:
             f"{'-h' + str(options['heads']) if 'heads' in options else ''}{'-small-tiles' if 'tiles' in options else ''}")
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
-
-
 def qkv_view(generator, batch, heads, n, d, dtype=torch.float32, device="cpu"):
-    """A non-contiguous [batch, heads, n, d] view, as fma/multipole.py gets keys from the projection."""
+    """A non-contiguous [batch, heads, n, d] view, as the FMA layer gets keys from the projection."""
     qkv = torch.randn(batch, n, 3, heads, d, generator=generator, dtype=torch.float32).to(device, dtype)
     return qkv[:, :, 1].permute(0, 2, 1, 3)
 
@@ -70,10 +67,10 @@ def padding_mask(generator, batch, n, device="cpu"):
     return mask.to(device)
 
 
-def outputs_and_gradients(module, x, mask, grads, fused):
+def outputs_and_gradients(module, x, mask, grads, backend):
     """Summaries per level, then gradients of x and of every parameter (None where not trainable)."""
     x = x.detach().requires_grad_()
-    summaries, counts = module(x, mask, fused=fused)
+    summaries, counts = module(x, mask, backend=backend)
     torch.autograd.backward(summaries, [g.to(s.dtype) for g, s in zip(grads, summaries)])
     named = dict(module.named_parameters())
     results = {f"level{level}": s.detach() for level, s in enumerate(summaries, 1)}
@@ -92,7 +89,7 @@ def randomise(module, generator):
 
 def check_cpu_case(case) -> dict[str, float]:
     """Fused (interpreter) vs torch path on one case: {tensor name: relative error}."""
-    from fma import triton_downsample
+    from fma.downsample import fused as triton_downsample
 
     kind, n, m, p, padded, chunk, trainable, options = case
     generator = torch.Generator().manual_seed(zlib.crc32(case_id(case).encode()))
@@ -105,10 +102,10 @@ def check_cpu_case(case) -> dict[str, float]:
     defaults = {name: getattr(triton_downsample, name) for name in options.get("tiles", {})}
     for name, value in options.get("tiles", {}).items():
         setattr(triton_downsample, name, value)
-    probe, _ = module(x, mask, fused=False)
+    probe, _ = module(x, mask, backend="torch")
     grads = [torch.randn(s.shape, generator=generator) for s in probe]
-    expected, _, counts_ref = outputs_and_gradients(module, x, mask, grads, fused=False)
-    actual, summaries, counts = outputs_and_gradients(module, x, mask, grads, fused=True)
+    expected, _, counts_ref = outputs_and_gradients(module, x, mask, grads, backend="torch")
+    actual, summaries, counts = outputs_and_gradients(module, x, mask, grads, backend="triton")
     assert set(actual) == set(expected), (set(actual), set(expected))
     assert all(s._base is summaries[0]._base for s in summaries), "levels are not views of one buffer"
     assert (counts is None) == (counts_ref is None)
@@ -147,8 +144,7 @@ def test_cpu_inputs_take_the_torch_path_and_import_no_triton():
         "import sys, torch; from fma.downsample import Downsample\n"
         "m = Downsample('groupedconv', head_dim=8, block_size=4, rank=2, max_seq_len=64)\n"
         "x = torch.randn(1, 2, 64, 8)\n"
-        "assert not m.use_fused(x) and m.use_fused(x, fused=True)\n"
-        "assert not Downsample('conv', head_dim=8, block_size=4, rank=2, max_seq_len=64).use_fused(x, fused=True)\n"
+        "assert m.resolved_backend(x, 'auto') == 'torch' and m.resolved_backend(x, 'triton') == 'triton'\n"
         "m(x); import fma\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
     )
@@ -156,6 +152,16 @@ def test_cpu_inputs_take_the_torch_path_and_import_no_triton():
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_triton_backend_without_a_kernel_is_refused():
+    """conv has no fused kernel: backend=triton says so (it does not quietly run the torch path)."""
+    x = torch.randn(1, 2, 64, 8)
+    with pytest.raises(ConfigurationError, match="model.attention.backend="):
+        Downsample("conv", head_dim=8, block_size=4, rank=2, max_seq_len=64).resolved_backend(x, "triton")
+    with pytest.raises(ConfigurationError, match="model.attention.backend="):
+        FastMultipoleAttention(dim=16, num_heads=2, causal=True, block_size=4, downsample="conv", backend="triton")
+    assert Downsample("conv", head_dim=8, block_size=4, rank=2, max_seq_len=64).resolved_backend(x, "auto") == "torch"
 
 
 # GPU ----------------------------------------------------------------------------------------------
@@ -177,18 +183,18 @@ def test_gpu_fused_matches_float64(monkeypatch, kind, dtype, tolerance, n, padde
     module = module.cuda()
     x = qkv_view(generator, GPU_BATCH, GPU_HEADS, n, GPU_DIM, dtype, "cuda")
     mask = padding_mask(generator, GPU_BATCH, n, "cuda") if padded else None
-    probe, _ = module(x.double(), mask, fused=False)
+    probe, _ = module(x.double(), mask, backend="torch")
     grads = [torch.randn(s.shape, generator=generator).to("cuda", dtype) for s in probe]
     del probe
 
-    actual, summaries, _ = outputs_and_gradients(module, x, mask, grads, fused=None)  # CUDA: fused by default
+    actual, summaries, _ = outputs_and_gradients(module, x, mask, grads, backend="auto")  # CUDA: fused
     assert summaries[0].dtype == dtype and summaries[0]._base is not None
     for name, value in actual.items():
         assert not value.isnan().any(), f"{name}: unwritten (NaN) elements"
     reference = Downsample(kind, head_dim=GPU_DIM, block_size=GPU_BLOCK, rank=GPU_RANK, max_seq_len=n)
     reference.load_state_dict(module.state_dict())
     reference = reference.cuda().double()
-    expected, _, _ = outputs_and_gradients(reference, x.double(), mask, [g.double() for g in grads], fused=False)
+    expected, _, _ = outputs_and_gradients(reference, x.double(), mask, [g.double() for g in grads], backend="torch")
     assert set(actual) == set(expected)
     bad = {name: relative_error(actual[name], expected[name]) for name in expected}
     bad = {name: err for name, err in bad.items() if not err <= tolerance}

@@ -1,0 +1,34 @@
+"""The learned basis in plain PyTorch (backend "torch"): cells reshaped, one product per level.
+
+Any device and dtype; the fused path (`fused.py`) is held to it by the tests.
+"""
+
+import torch
+
+
+def real_counts(kind: str, real: torch.Tensor, width: int, rank: int) -> torch.Tensor:
+    """real [batch, n] (1 real, 0 pad) -> [batch, (n / w) * p]: real tokens behind each summary:
+    those of its segment (avgpool), or those of its cell shared by its p summaries (learned)."""
+    if kind == "avgpool":
+        return real.unflatten(1, (-1, width // rank)).sum(2)
+    return real.unflatten(1, (-1, width)).sum(2).repeat_interleave(rank, 1) / rank
+
+
+def summarise(kind: str, x: torch.Tensor, width: int, rank: int, weight, bias, counts) -> torch.Tensor:
+    """x [batch, heads, n, d], zero at pads -> one level's summaries [batch, heads, (n / w) * p, d].
+
+    weight, bias: the level's parameters (learned kinds; None for avgpool); counts: that level's
+    `real_counts`, or None when nothing is padded.
+    """
+    if kind == "avgpool":
+        segment = width // rank
+        sums = x.unflatten(2, (-1, segment)).sum(3)
+        return sums / (segment if counts is None else counts.clamp_min(1)[:, None, :, None].to(x.dtype))
+    cells = x.unflatten(2, (-1, width))  # [batch, heads, cells, w, d]
+    if kind == "groupedconv":
+        # Broadcast multiply and sum: on the CPU, einsum("bhcwd,rwd->bhcrd") with a trainable
+        # weight ran about 60 times slower (torch 2.13).
+        summary = (cells.unsqueeze(3) * weight).sum(4)
+    else:
+        summary = torch.einsum("bhcwi,rwio->bhcro", cells, weight)
+    return (summary + bias).flatten(2, 3)

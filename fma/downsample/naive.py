@@ -1,0 +1,31 @@
+"""Plain summaries of one cell: the ground truth for both paths of the learned basis (any dtype).
+
+Written from shared/docs/fma-algorithm.md ("Coarse keys and values"), one summary at a time; used by
+`fma.multipole.naive` and the tests, never for training.
+"""
+
+import torch
+
+
+def summarise_cell(x, real, downsample, level: int):
+    """x [batch, heads, w, d]: one level-`level` cell; real [batch, w] bool (False = pad)
+    -> summaries [batch, heads, p, d] of its real tokens, counts [batch, p] of real tokens behind each."""
+    p, dtype = downsample.rank, x.dtype
+    x = x.masked_fill(~real[:, None, :, None], 0)
+    if downsample.kind == "avgpool":
+        segment = x.shape[2] // p
+        sums, counts = [], []
+        for r in range(p):
+            part = slice(r * segment, (r + 1) * segment)
+            sums.append(x[:, :, part].sum(2))
+            counts.append(real[:, part].sum(1).to(dtype))
+        counts = torch.stack(counts, 1)
+        return torch.stack(sums, 2) / counts.clamp_min(1)[:, None, :, None], counts
+    weight = downsample.weight[f"level{level}"]
+    bias = downsample.bias[f"level{level}"]
+    if downsample.kind == "groupedconv":
+        summary = bias + torch.einsum("bhtd,rtd->bhrd", x, weight)
+    else:
+        summary = bias + torch.einsum("bhtc,rtco->bhro", x, weight)
+    counts = (real.sum(1, keepdim=True).to(dtype) / p).expand(-1, p)
+    return summary, counts

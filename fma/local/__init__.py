@@ -1,0 +1,5 @@
+"""Sliding-window attention: reference (`naive.py`), block-wise torch path, FlexAttention path, layer."""
+
+from .layer import LocalAttention
+
+__all__ = ["LocalAttention"]
