@@ -1,11 +1,14 @@
 """Forward+backward time and peak memory of one attention layer per kind, across sequence lengths.
 
-One layer = the kind's module from `fma.build_attention`, projections and FMA's downsampling
-included, bf16, tokens per batch fixed (batch = tokens / seq_len), so every row does the same
-amount of token work and differs only in how attention scales with length.
+One layer = the kind's module from `fma.build_attention` with the options train.py would give it
+(configs/model/<kind>.yaml and the row's overrides), projections and FMA's downsampling included,
+bf16, tokens per batch fixed (batch = tokens / seq_len), so every row does the same amount of token
+work and differs only in how attention scales with length. Rows are series (scripts/series.py).
 
     python scripts/bench_attention.py --out benchmarks/attention
-    python scripts/bench_attention.py --variants "full (flash)" "fma m=64 p=2" --lengths 1024 65536
+    python scripts/bench_attention.py --lengths 1024 65536 \\
+        --series "full (flash): model=full model.attention.backend=flash" \\
+        "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2"
 """
 
 from pathlib import Path
@@ -13,13 +16,20 @@ from pathlib import Path
 import torch
 
 import fma
-from benchlib import (VARIANTS, benchmark_parser, environment, length_table, measure, plot_against_length,
-                      require_cuda, variant_options, write_reports)
+from benchlib import (benchmark_parser, environment, length_table, measure, model_config, parse_args,
+                      plot_against_length, require_cuda, write_reports)
+from series import Series
 
-def layer_step(kind: str, options: dict, seq_len: int, batch: int, dim: int, heads: int, causal: bool):
+
+def attention_layer(series: Series, seq_len: int, dim: int, heads: int, causal: bool) -> fma.AttentionLayer:
+    """The series' attention layer, with the options of its composed model config at this length."""
+    options = model_config(series, seq_len)["attention"]
+    return fma.build_attention(options.pop("name"), dim=dim, num_heads=heads, causal=causal, **options)
+
+
+def layer_step(series: Series, seq_len: int, batch: int, dim: int, heads: int, causal: bool):
     """A closure running one forward+backward of a fresh layer on fresh random bf16 input."""
-    layer = fma.build_attention(kind, dim=dim, num_heads=heads, causal=causal, **variant_options(kind, options, seq_len))
-    layer = layer.to(device="cuda", dtype=torch.bfloat16)
+    layer = attention_layer(series, seq_len, dim, heads, causal).to(device="cuda", dtype=torch.bfloat16)
     x = torch.randn(batch, seq_len, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
 
@@ -35,36 +45,37 @@ def main():
     parser = benchmark_parser(__doc__, lengths=[2**k for k in range(10, 18)], tokens=131072,
                               tokens_help="tokens per batch (batch = tokens / length)", out="benchmarks/attention")
     parser.add_argument("--bidirectional", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser)
     require_cuda("bench_attention.py")
     env = environment()
     rows = []
     for seq_len in args.lengths:
         batch = max(1, args.tokens // seq_len)
-        for label in args.variants:
-            kind, options = VARIANTS[label]
+        for series in args.series:
             try:
-                step = layer_step(kind, options, seq_len, batch, args.dim, args.heads, not args.bidirectional)
+                step = layer_step(series, seq_len, batch, args.dim, args.heads, not args.bidirectional)
                 result = measure(step, repeats=args.repeats)
             except torch.OutOfMemoryError:
                 result = {"error": "OOM"}
-            row = {"variant": label, "kind": kind, "options": repr(options), "seq_len": seq_len, "batch": batch,
-                   "ms": result.get("ms"), "peak_gib": result.get("peak_gib"), "error": result.get("error", "")}
+            row = {"variant": series.label, "kind": series.kind, "overrides": " ".join(series.overrides),
+                   "seq_len": seq_len, "batch": batch, "ms": result.get("ms"), "peak_gib": result.get("peak_gib"),
+                   "error": result.get("error", "")}
             rows.append(row)
             shown = f"{row['ms']:.2f} ms, {row['peak_gib']:.2f} GiB" if row["ms"] else row["error"]
-            print(f"{seq_len:>7} x{batch:<4} {label:<16} {shown}", flush=True)
+            print(f"{seq_len:>7} x{batch:<4} {series.label:<16} {shown}", flush=True)
 
     name = "causal" if not args.bidirectional else "bidirectional"
     env["setting"] = (f"{name}, bf16, {args.heads} heads, head dim {args.dim // args.heads}, {args.tokens} tokens "
                       f"per batch, fwd+bwd of one layer incl. projections, median of {args.repeats} CUDA-event timings")
-    table = "### time (ms, fwd+bwd)\n\n" + length_table(rows, args.variants, "ms", "{:.2f}")
-    table += "\n\n### peak memory (GiB)\n\n" + length_table(rows, args.variants, "peak_gib", "{:.2f}")
-    full = next((v for v in args.variants if VARIANTS[v][0] == "full"), None)
+    labels = [series.label for series in args.series]
+    table = "### time (ms, fwd+bwd)\n\n" + length_table(rows, labels, "ms", "{:.2f}")
+    table += "\n\n### peak memory (GiB)\n\n" + length_table(rows, labels, "peak_gib", "{:.2f}")
+    full = next((series.label for series in args.series if series.kind == "full"), None)
     if full:
         full_ms = {row["seq_len"]: row["ms"] for row in rows if row["variant"] == full}
         speedups = [{**row, "speedup": full_ms[row["seq_len"]] / row["ms"] if full_ms[row["seq_len"]] and row["ms"]
                      else None, "error": "-"} for row in rows]
-        others = [v for v in args.variants if v != full]
+        others = [label for label in labels if label != full]
         table += f"\n\n### speed-up over {full}\n\n" + length_table(speedups, others, "speedup", "{:.1f}x")
     write_reports(args.out, f"attention_{name}", rows, env, table)
     plot_against_length(args.out / f"attention_{name}.png", rows, "variant",

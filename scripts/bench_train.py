@@ -7,6 +7,9 @@ model FLOPs utilisation of `full` (6 N per token for the weights + 6 L n d per t
 attention scores and values, over the H200's dense bf16 peak of 989 TFLOP/s).
 
     python scripts/bench_train.py --out benchmarks/train
+    python scripts/bench_train.py --series model=full "fma m=32: model=fma model.attention.block_size=32"
+
+Rows are series (scripts/series.py): each model is train.py's `model` config for that series.
 
 --profile also records each point's GPU kernel time and kernel launches per step (torch.profiler),
 with the kernels that take the most time in train_profile.md: when a step's wall time far exceeds
@@ -15,21 +18,27 @@ its kernel time, the host (Python, kernel launches) bounds it, not the GPU.
 
 from pathlib import Path
 
+import hydra
 import torch
 import torch.nn.functional as F
 
-from benchlib import (VARIANTS, benchmark_parser, environment, kernel_profile, length_table, markdown_table, measure,
-                      plot_against_length, require_cuda, variant_options, write_reports)
-from models import TransformerLM
+from benchlib import (benchmark_parser, environment, kernel_profile, length_table, markdown_table, measure,
+                      model_config, parse_args, plot_against_length, require_cuda, write_reports)
+from series import Series
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet
 
 
-def train_step(kind, options, seq_len, batch, depth, dim, heads, vocab_size=256):
+def train_model(series: Series, seq_len: int, depth: int, dim: int, heads: int, vocab_size: int = 256):
+    """The series' causal language model as train.py builds it, at this size, without dropout."""
+    config = model_config(series, seq_len, depth=depth, dim=dim, num_heads=heads, dropout=0.0)
+    return hydra.utils.instantiate(config, vocab_size=vocab_size, causal=True, _convert_="all")
+
+
+def train_step(series: Series, seq_len, batch, depth, dim, heads, vocab_size=256):
     """A closure running one optimizer step of a fresh model on fresh random tokens; and the
     model's non-embedding parameter count."""
-    model = TransformerLM(vocab_size=vocab_size, causal=True, dim=dim, depth=depth, num_heads=heads, dropout=0.0,
-                          attention={"name": kind, **variant_options(kind, options, seq_len)}).cuda()
+    model = train_model(series, seq_len, depth, dim, heads, vocab_size).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(vocab_size, (batch, seq_len + 1), device="cuda")
 
@@ -50,7 +59,7 @@ def main():
                               tokens_help="tokens per optimizer step", out="benchmarks/train")
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--profile", action="store_true", help="also profile GPU kernel time and launches per step")
-    args = parser.parse_args()
+    args = parse_args(parser)
     require_cuda("bench_train.py")
     env = environment()
     env["setting"] = (f"{args.depth} layers, d_model {args.dim}, {args.heads} heads, vocab 256, bf16 autocast, "
@@ -58,15 +67,15 @@ def main():
     rows, profiles = [], []
     for seq_len in args.lengths:
         batch = max(1, args.tokens // seq_len)
-        for label in args.variants:
-            kind, options = VARIANTS[label]
+        for series in args.series:
+            label = series.label
             try:
-                step, params = train_step(kind, options, seq_len, batch, args.depth, args.dim, args.heads)
+                step, params = train_step(series, seq_len, batch, args.depth, args.dim, args.heads)
                 result = measure(step, repeats=args.repeats)
             except torch.OutOfMemoryError:
                 result, params = {"error": "OOM"}, None
             tokens = batch * seq_len
-            row = {"variant": label, "kind": kind, "seq_len": seq_len, "batch": batch, "ms": result.get("ms"),
+            row = {"variant": label, "kind": series.kind, "seq_len": seq_len, "batch": batch, "ms": result.get("ms"),
                    "tokens_per_s": tokens / result["ms"] * 1e3 if result.get("ms") else None,
                    "peak_gib": result.get("peak_gib"), "error": result.get("error", ""), "mfu": None}
             if args.profile and row["ms"]:
@@ -75,15 +84,16 @@ def main():
                 profiles.append(f"### {label}, length {seq_len}, batch {batch}: {row['ms']:.2f} ms per step, "
                                 f"{summary['gpu_busy_ms']:.2f} ms of kernels, {summary['kernels_per_step']:,.0f} "
                                 f"launches\n\n{kernels}")
-            if kind == "full" and row["ms"]:
+            if series.kind == "full" and row["ms"]:
                 flops = 6 * params * tokens + 6 * args.depth * seq_len * args.dim * tokens
                 row["mfu"] = flops / (row["ms"] / 1e3) / (PEAK_BF16_TFLOPS * 1e12)
             rows.append(row)
             shown = f"{row['tokens_per_s']:,.0f} tok/s, {row['peak_gib']:.2f} GiB" if row["ms"] else row["error"]
             print(f"{seq_len:>7} x{batch:<4} {label:<16} {shown}", flush=True)
 
-    table = "### tokens/s\n\n" + length_table(rows, args.variants, "tokens_per_s", "{:,.0f}")
-    table += "\n\n### peak memory (GiB)\n\n" + length_table(rows, args.variants, "peak_gib", "{:.2f}")
+    labels = [series.label for series in args.series]
+    table = "### tokens/s\n\n" + length_table(rows, labels, "tokens_per_s", "{:,.0f}")
+    table += "\n\n### peak memory (GiB)\n\n" + length_table(rows, labels, "peak_gib", "{:.2f}")
     full = [r for r in rows if r["mfu"] is not None]
     if full:
         table += "\n\n### model FLOPs utilisation of full attention\n\n" + markdown_table(

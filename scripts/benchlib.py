@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: timing, OOM-tolerant runs, provenance and report files."""
+"""What the benchmark scripts share: their rows (series) and arguments, timing, OOM-tolerant runs,
+provenance and report files."""
 
 import argparse
 import csv
@@ -13,28 +14,23 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-# Each comparison row: a label, the registry name and its options (the kind's defaults otherwise).
-VARIANTS = {
-    "full (flash)": ("full", {"backend": "flash"}),
-    "fma m=64 p=2": ("fma", {"block_size": 64, "rank": 2}),
-    "fma m=32 p=2": ("fma", {"block_size": 32, "rank": 2}),
-    "local w=128": ("local", {"window": 128}),
-    "linear": ("linear", {}),
-    "htransformer": ("htransformer", {}),
-    "reformer": ("reformer", {}),
-}
+from series import Series, UsageError, parse_series_list
 
-
-def variant_options(kind: str, options: dict, seq_len: int) -> dict:
-    """Options for one length: FMA's learned basis must cover it."""
-    return {**options, "max_seq_len": seq_len} if kind == "fma" else dict(options)
+# The rows every benchmark compares by default, as series (series.py): train.py's overrides, labelled.
+SERIES = ["full (flash): model=full model.attention.backend=flash",
+          "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2",
+          "fma m=32 p=2: model=fma model.attention.block_size=32 model.attention.rank=2",
+          "local w=128: model=local model.attention.window=128", "model=linear", "model=htransformer", "model=reformer"]
 
 
 def benchmark_parser(doc: str, *, lengths: list[int], tokens: int, tokens_help: str, out: str):
     """The arguments every benchmark takes; a script adds its own before parse_args()."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--series", nargs="+", default=SERIES, metavar="SERIES",
+                        help="attention settings as train.py overrides, optionally after a label and a colon "
+                             "(scripts/series.py); default: the seven rows of benchlib.SERIES")
     parser.add_argument("--lengths", nargs="+", type=int, default=lengths)
     parser.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
     parser.add_argument("--dim", type=int, default=512)
@@ -42,6 +38,24 @@ def benchmark_parser(doc: str, *, lengths: list[int], tokens: int, tokens_help: 
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(out))
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parser.parse_args, with --series parsed into Series (a bad one ends with the parser's usage error)."""
+    args = parser.parse_args(argv)
+    try:
+        args.series = parse_series_list(args.series)
+    except UsageError as error:
+        parser.error(str(error))
+    return args
+
+
+def model_config(series: Series, seq_len: int, **model) -> dict:
+    """The series' `model` config as train.py composes it at this length (configs/model/<kind>.yaml, the
+    series' overrides, then model.<key>=<value> for each of `model`), resolved: FMA's max_seq_len is
+    data.seq_len, so its learned basis covers the length."""
+    cfg = series.compose(f"data.seq_len={seq_len}", *(f"model.{key}={value}" for key, value in model.items()))
+    return OmegaConf.to_container(cfg.model, resolve=True)
 
 
 def require_cuda(script: str) -> None:

@@ -1,7 +1,9 @@
 """What each attention kind can retrieve from far away: accuracy on a synthetic task at 1K-16K tokens.
 
     python scripts/long_range_diagnostic.py --task copy --lengths 1024 2048 4096 8192 16384 \\
-        --kinds full fma:m=64,p=2 fma:m=16,p=4 local linear reformer htransformer \\
+        --series model=full "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2" \\
+        "fma m=16 p=4: model=fma model.attention.block_size=16 model.attention.rank=4" model=local model=linear \\
+        model=reformer model=htransformer \\
         [--budget-steps N] [--tokens-per-step T] [--seeds 0 1 2] [--overrides trainer=gpu] --out results/diagnostic
 
 Trains every kind on `data=synthetic` (generated in memory, no files) at every length with the same
@@ -35,9 +37,12 @@ with its exact config). --dry-run prints the commands. The markdown table is pri
 import argparse
 from pathlib import Path
 
-from runlib import add_sweep_arguments, main_guard, override_key, run_sweep, spec_from
+from runlib import add_sweep_arguments, main_guard, run_sweep, spec_from
+from series import override_key
 
-KINDS = ["full", "fma:m=64,p=2", "fma:m=16,p=4", "local", "linear", "reformer", "htransformer"]
+SERIES = ["model=full", "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2",
+          "fma m=16 p=4: model=fma model.attention.block_size=16 model.attention.rank=4",
+          "model=local", "model=linear", "model=reformer", "model=htransformer"]
 LENGTHS = [1024, 2048, 4096, 8192, 16384]
 MODEL = ["model.depth=4", "model.dim=256", "model.num_heads=4"]
 
@@ -53,7 +58,7 @@ def chance(task: str, vocab_size: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["copy", "recall"], default="copy")
-    add_sweep_arguments(parser, kinds=KINDS, lengths=LENGTHS, steps=2000, tokens_per_step=16384,
+    add_sweep_arguments(parser, series=SERIES, lengths=LENGTHS, steps=2000, tokens_per_step=16384,
                         out="results/diagnostic-<task>")
     args = parser.parse_args()
     if str(args.out) == "results/diagnostic-<task>":

@@ -4,7 +4,8 @@
     python scripts/reproduce_tables.py --table wt103-mlm --data-path /data/wikitext-103   --out results/wt103-mlm
     python scripts/reproduce_tables.py --table wt103-clm --data-path /data/wikitext-103   --out results/wt103-clm
         [--budget-steps N] [--tokens-per-step T] [--micro-batch-tokens M] [--lengths 512 1024 2048 4096]
-        [--kinds full fma:m=64,p=2 ...] [--seeds 0 1 2] [--model-overrides model.dim=...] [--overrides trainer=gpu]
+        [--series model=full "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2" ...]
+        [--seeds 0 1 2] [--model-overrides model.dim=...] [--overrides trainer=gpu]
         [--stand-in-label "..."] [--timeout S] [--gpus 0 1 ...] [--dry-run]
 
 | --table | data | objective | metric |
@@ -48,7 +49,9 @@ from pathlib import Path
 
 from runlib import ROOT, UsageError, add_sweep_arguments, data_overrides, main_guard, run_sweep, spec_from
 
-KINDS = ["full", "fma:m=64,p=2", "fma:m=32,p=2", "htransformer", "linear", "reformer", "local"]
+SERIES = ["model=full", "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2",
+          "fma m=32 p=2: model=fma model.attention.block_size=32 model.attention.rank=2",
+          "model=htransformer", "model=linear", "model=reformer", "model=local"]
 LENGTHS = [512, 1024, 2048, 4096]
 MODEL = ["model.depth=6", "model.dim=512", "model.num_heads=8"]  # the paper's size, every row
 TABLES = {
@@ -116,7 +119,7 @@ def main() -> int:
                         help="write a WikiText-2 stand-in corpus to DIR, print the commands for it, and stop")
     parser.add_argument("--wikitext2-dir", type=Path, default=WIKITEXT2, help=f"default {WIKITEXT2}")
     parser.add_argument("--standin-max-bytes", type=int, default=None, help="keep at most N bytes per source file")
-    add_sweep_arguments(parser, kinds=KINDS, lengths=LENGTHS, steps=2000, tokens_per_step=16384,
+    add_sweep_arguments(parser, series=SERIES, lengths=LENGTHS, steps=2000, tokens_per_step=16384,
                         out="results/<table>")
     args = parser.parse_args()
     if args.make_wikitext_standin:

@@ -1,28 +1,30 @@
 """The runner the comparison scripts share: plan points, run each as its own train.py, resume, report.
 
-A *point* is one `train.py` run: one attention setting (a *series*, e.g. `fma m=64 p=2`), one
+A *point* is one `train.py` run: one attention setting (a *series*, train.py overrides with a label,
+e.g. `fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2`; series.py), one
 sequence length, one seed. Every point of a sweep gets the same recipe and budget: the same
 `trainer.max_steps`, the same tokens per optimizer step (`data.batch_size` = tokens / seq_len, with
 `trainer.accumulate_grad_batches` where a micro-batch limit asks for it), the same seeds, optimizer
 and model size. Nothing is tuned per kind.
 
 Each point runs as a subprocess (`python train.py <overrides> hydra.run.dir=<out>/points/<name>`)
-with a time limit, so that running out of memory or crashing ends that point only. Its result goes
-as one line into `<out>/points.jsonl` (appended whole and fsynced); a restarted sweep skips every
-point already there (keyed by its overrides) and reruns the ones it had not finished. The reports
-(`table.md`, `table.csv`, `table.json`, `metric_vs_length.png`, `memory_vs_length.png`) are
-regenerated from the JSONL after every point.
+with a time limit, so that running out of memory or crashing ends that point only. train.py reports
+how the point ended, with its metrics, parameters, tokens/s and memory, in `<run dir>/result.json`;
+that, flattened, and the runner's own fields go as one line into `<out>/points.jsonl` (appended
+whole and fsynced); a restarted sweep skips every point already there (keyed by its overrides) and
+reruns the ones it had not finished. The reports (`table.md`, `table.csv`, `table.json`,
+`metric_vs_length.png`, `memory_vs_length.png`) are regenerated from the JSONL after every point.
 
-Status of a point: `ok`; `oom` (out of memory in its stderr); `timeout`; `failed` with `reason` the
-error (exit code 2: train.py's message for a mistake you can fix, e.g. seq_len longer than a split;
-otherwise the last error line of stderr). The scripts built on this module are sweep_seq_len.py
-(generic), reproduce_tables.py (the paper's tables) and long_range_diagnostic.py (synthetic tasks).
+Status of a point: `ok`; `oom`; `timeout` (the runner stopped it); `failed` with `reason` the error
+(train.py's message for a mistake you can fix, e.g. seq_len longer than a split, or the exception;
+without result.json, how the process ended: killed by a signal, or crashed before writing it);
+`interrupted` (Ctrl-C). The scripts built on this module are sweep_seq_len.py (generic),
+reproduce_tables.py (the paper's tables) and long_range_diagnostic.py (synthetic tasks).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import fcntl
 import hashlib
@@ -44,14 +46,12 @@ from queue import Queue
 SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 TRAIN = ROOT / "train.py"
-for _path in (str(ROOT), str(SCRIPTS)):  # models/ for counting parameters, benchlib for the reports
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(SCRIPTS) not in sys.path:  # benchlib for the reports, series for --series
+    sys.path.insert(0, str(SCRIPTS))
 
 import benchlib  # noqa: E402
+from series import Series, UsageError, override_key, parse_series_list  # noqa: E402
 
-# Short names for attention options in --kinds specs: fma:m=64,p=2 is model.attention.block_size=64, .rank=2.
-OPTION_ALIASES = {"m": "block_size", "p": "rank", "w": "window"}
 # Keys the sweep sets itself (equal budget); --overrides may not change them.
 CONTROLLED = {"data.seq_len", "data.batch_size", "trainer.accumulate_grad_batches", "trainer.max_steps", "seed",
               "trainer.val_check_interval", "hydra.run.dir", "hydra.sweep.dir", "model"}
@@ -60,50 +60,9 @@ CONTROLLED = {"data.seq_len", "data.batch_size", "trainer.accumulate_grad_batche
 POINT_DEFAULTS = ["trainer.enable_progress_bar=false", "~callbacks.progress_bar", "~callbacks.last_checkpoint"]
 METRIC_LABELS = {"bpc": "test bits per character", "ppl": "test perplexity", "acc": "test accuracy (scored tokens)"}
 WAIT_FILE = "device_wait_s"  # seconds a point has waited for its shared GPU (models.ExclusiveDevice)
-SKIP_THROUGHPUT_STEPS = 3  # tokens/s: median over the logged steps after the first few (warm-up, compilation)
-
-
-class UsageError(Exception):
-    """A mistake on the script's command line: printed as one message, exit code 2."""
 
 
 # ------------------------------------------------------------------------------------------- planning
-
-
-@dataclasses.dataclass(frozen=True)
-class Series:
-    """One attention setting: `model=<kind>` plus options, e.g. label 'fma m=64 p=2'."""
-
-    label: str
-    kind: str
-    options: tuple[tuple[str, str], ...] = ()
-
-    def overrides(self) -> list[str]:
-        return [f"model={self.kind}"] + [f"model.attention.{key}={value}" for key, value in self.options]
-
-
-def available_kinds() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def parse_kind(spec: str) -> Series:
-    """'fma:m=64,p=2' -> Series('fma m=64 p=2', 'fma', (('block_size', '64'), ('rank', '2'))).
-
-    Option names are model.attention keys of that kind; m, p and w stand for block_size, rank, window.
-    """
-    kind, _, rest = spec.partition(":")
-    kind = kind.strip()
-    if kind not in available_kinds():
-        raise UsageError(f"Unknown attention kind {kind!r} in --kinds {spec!r}; known kinds: "
-                         f"{', '.join(available_kinds())} (one file per kind in configs/model/).")
-    options, shown = [], []
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        name, equals, value = item.partition("=")
-        if not equals or not name.strip() or not value.strip():
-            raise UsageError(f"--kinds {spec!r}: write options as name=value, e.g. fma:m=64,p=2.")
-        options.append((OPTION_ALIASES.get(name.strip(), name.strip()), value.strip()))
-        shown.append(f"{name.strip()}={value.strip()}")
-    return Series(" ".join([kind, *shown]), kind, tuple(options))
 
 
 def hydra_value(value) -> str:
@@ -112,11 +71,6 @@ def hydra_value(value) -> str:
     if re.fullmatch(r"[\w./+:@~-]+", text):
         return text
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def override_key(override: str) -> str:
-    """The config key an override sets: 'model.dim=32' -> 'model.dim', '~callbacks.x' -> 'callbacks.x'."""
-    return override.split("=", 1)[0].lstrip("~+")
 
 
 def merge_overrides(*groups: list[str]) -> list[str]:
@@ -129,13 +83,13 @@ def merge_overrides(*groups: list[str]) -> list[str]:
     return list(merged.values())
 
 
-def check_user_overrides(overrides: list[str]) -> None:
+def check_user_overrides(overrides: list[str], option: str = "--overrides") -> None:
     for override in overrides:
         if "=" not in override and not override.startswith("~"):
-            raise UsageError(f"--overrides {override!r}: write Hydra overrides as key=value (or ~key to delete).")
+            raise UsageError(f"{option} {override!r}: write Hydra overrides as key=value (or ~key to delete).")
         if override_key(override) in CONTROLLED:
             raise UsageError(
-                f"--overrides {override!r} would change what the sweep holds equal; use --kinds, --lengths, "
+                f"{option} {override!r} would change what the sweep holds equal; use --series, --lengths, "
                 f"--budget-steps, --tokens-per-step, --micro-batch-tokens, --val-every or --seeds instead.")
 
 
@@ -230,7 +184,7 @@ def plan_points(series: list[Series], lengths: list[int], budget: Budget, overri
                          f"callbacks.last_checkpoint.every_n_train_steps={budget.val_every}",
                          f"trainer.log_every_n_steps={max(1, min(10, budget.steps // 20))}", f"seed={seed}"]
                 points.append(Point(one, seq_len, seed, batch, accumulate,
-                                    merge_overrides(one.overrides(), shape, POINT_DEFAULTS, overrides)))
+                                    merge_overrides(one.overrides, shape, POINT_DEFAULTS, overrides)))
     return points
 
 
@@ -263,83 +217,34 @@ def stop_all_points() -> None:
         _end_group(process)
 
 
-def failure_reason(stderr: str, returncode: int) -> str:
-    """One line saying why a point failed: train.py's message (exit 2) or the last error line."""
-    if returncode == 2:
-        match = re.search(r"^error: (.*?)(?:\n\s*\n|\Z)", stderr, re.S | re.M)
-        if match:
-            return "config error (exit 2): " + " ".join(match.group(1).split())
-    noise = ("Set the environment variable HYDRA_FULL_ERROR", "Available options", "Config search path",
-             "provider=", "INFO", "WARNING", "warnings.warn", "Traceback")
-    lines = [line.strip() for line in stderr.splitlines()
-             if line.strip() and not line.startswith((" ", "\t")) and not line.strip().startswith(noise)]
-    exceptions = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
-    text = (exceptions or [line for line in lines if re.search(r"error|could not|cannot", line, re.I)] or lines
-            or [f"exit code {returncode}, nothing on stderr"])[-1]
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = str(-returncode)
-        text = f"killed by signal {name}" + (" (possibly the host's out-of-memory killer)"
-                                              if -returncode == signal.SIGKILL else "") + f"; {text}"
-    return text[:500]
-
-
-def read_metrics(run_dir: Path) -> dict:
-    """Final val/* and test/* values, median tokens/s after the first steps, peak memory, steps trained."""
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    result: dict = {}
-    for row in rows:  # the last logged value of each evaluation metric
-        for key, value in row.items():
-            if key and key.startswith(("val/", "test/")) and value not in ("", None):
-                result[key] = float(value)
-
-    def logged(key):
-        return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in ("", None)]
-
-    throughput = [value for _, value in sorted(logged("train/tokens_per_s"))]
-    if throughput:
-        result["tokens_per_s"] = statistics.median(throughput[min(SKIP_THROUGHPUT_STEPS, len(throughput) // 2):])
-    memory = [value for _, value in logged("train/peak_mem_gib")]
-    if memory:
-        result["peak_mem_gib"] = max(memory)
-    losses = logged("train/loss")
-    if losses:
-        result["steps_trained"] = max(step for step, _ in losses) + 1
-    return result
-
-
-def count_parameters(run_dir: Path) -> tuple[int | None, str]:
-    """(parameters, source): the point's model rebuilt on CPU from its checkpoint's resolved config and
-    checked against the checkpoint's shapes; else the rounded figure of train.py's log line."""
+def without_result(returncode: int) -> str:
+    """Why a point that wrote no result.json ended: a signal (its name), or a crash before train.py could write it."""
+    if returncode >= 0:
+        return (f"no result.json: train.py exited with code {returncode} without writing one (it crashed before it "
+                f"could, e.g. on a bad override; see stderr.log)")
     try:
-        import hydra
-        import torch
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = str(-returncode)
+    oom_killer = " (possibly the host's out-of-memory killer)" if -returncode == signal.SIGKILL else ""
+    return f"no result.json: killed by signal {name}{oom_killer}"
 
-        checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True,
-                                mmap=True)
-        config, state = checkpoint["hyper_parameters"]["config"], checkpoint["state_dict"]
-        vocab_size = state["net.embedding.weight"].shape[0] - 1  # one extra row: the mask token
-        causal = hydra.utils.instantiate(config["objective"]).causal
-        with torch.device("meta"):
-            net = hydra.utils.instantiate(config["model"], vocab_size=vocab_size, causal=causal, _convert_="all")
-        shapes = {f"net.{name}": tuple(p.shape) for name, p in net.named_parameters()}
-        if all(tuple(state[name].shape) == shape for name, shape in shapes.items() if name in state) and \
-                shapes.keys() <= state.keys():
-            return sum(p.numel() for p in net.parameters()), "model rebuilt from the checkpoint"
-    except Exception:  # noqa: BLE001 - fall back to the log line
-        pass
-    log = run_dir / "train.log"
-    match = re.search(r"model: \S+ attention, ([\d.]+)M parameters", log.read_text(errors="replace")) \
-        if log.exists() else None
-    if match:
-        return round(float(match.group(1)) * 1e6), "train.log (rounded to 10K)"
-    return None, "unknown"
+
+def outcome(run_dir: Path, returncode: int) -> dict:
+    """status, reason and measurements of a point that ended by itself, from its result.json, flattened
+    to the field names of earlier records (the reports read both)."""
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return {"status": "failed", "reason": without_result(returncode)}
+    status, reason = result["status"], result["reason"]
+    if status == "config_error":  # a mistake train.py explains (exit 2); the tables show it as failed
+        status, reason = "failed", f"config error (exit 2): {reason}"
+    elif status == "ok" and not any(key.startswith("test/") for key in result["metrics"]):
+        status, reason = "failed", "train.py ended without test/* metrics in result.json"
+    return {"status": status, "reason": reason, **result["metrics"], "tokens_per_s": result["tokens_per_s"],
+            "peak_mem_gib": result["peak_mem_gib"], "steps_trained": result["steps"],
+            "params": (result["parameters"] or {}).get("total")}
 
 
 def waited_s(run_dir: Path) -> float:
@@ -387,26 +292,13 @@ def run_point(point: Point, out_dir: Path, timeout_s: float | None, gpu: str | N
     if _STOPPING.is_set():
         return None
     wall_s = time.time() - started
-    error_text = (run_dir / "stderr.log").read_text(errors="replace")
-    metrics = read_metrics(run_dir) if returncode == 0 else {}
-    reason = ""
-    if status == "timeout":
-        reason = f"stopped after the --timeout of {timeout_s:g} s"
-    elif returncode != 0 and re.search(r"out of memory|OutOfMemoryError|can't allocate memory", error_text, re.I):
-        status, reason = "oom", failure_reason(error_text, returncode)
-    elif returncode != 0:
-        status, reason = "failed", failure_reason(error_text, returncode)
-    elif not any(key.startswith("test/") for key in metrics):
-        status, reason = "failed", "train.py ended without test/* metrics in csv/metrics.csv"
-    else:
-        status = "ok"
-    params, params_source = count_parameters(run_dir) if status == "ok" else (None, "")
+    ended = ({"status": "timeout", "reason": f"stopped after the --timeout of {timeout_s:g} s"} if status == "timeout"
+             else outcome(run_dir, returncode))
     relative = run_dir.relative_to(out_dir)
     return {
         "key": point.key, "label": point.series.label, "kind": point.series.kind, "seq_len": point.seq_len,
         "seed": point.seed, "batch_size": point.batch_size, "accumulate": point.accumulate,
-        "status": status, "reason": reason, "returncode": returncode, **metrics,
-        "params": params, "params_source": params_source, "wall_s": round(wall_s, 2),
+        **ended, "returncode": returncode, "wall_s": round(wall_s, 2),
         "device_wait_s": round(waited_s(run_dir), 2),
         "run_dir": str(relative),
         "config": str(relative / ".hydra" / "config.yaml") if (run_dir / ".hydra" / "config.yaml").exists() else "",
@@ -649,12 +541,14 @@ class SweepSpec:
     gpus: list[str] = dataclasses.field(default_factory=list)
 
 
-def add_sweep_arguments(parser: argparse.ArgumentParser, *, kinds: list[str], lengths: list[int], steps: int,
+def add_sweep_arguments(parser: argparse.ArgumentParser, *, series: list[str], lengths: list[int], steps: int,
                         tokens_per_step: int, out: str | None) -> None:
     """The options every comparison script takes (each script sets its own defaults)."""
-    parser.add_argument("--kinds", nargs="+", default=kinds, metavar="KIND[:opt=v,...]",
-                        help="attention settings, e.g. full fma:m=64,p=2 local:window=128 (m, p, w: block_size, "
-                             f"rank, window); default: {' '.join(kinds)}")
+    parser.add_argument("--series", nargs="+", default=series, metavar="SERIES",
+                        help="attention settings, each one string of train.py overrides, optionally after a label "
+                             "and a colon, e.g. model=full 'fma m=32 p=2: model=fma model.attention.block_size=32 "
+                             "model.attention.rank=2' (unlabelled: named by its overrides, e.g. 'fma block_size=32'); "
+                             "default: " + " ".join(f"'{one}'" if " " in one else one for one in series))
     parser.add_argument("--lengths", nargs="+", type=int, default=lengths, help=f"sequence lengths; default: "
                                                                                   f"{' '.join(map(str, lengths))}")
     parser.add_argument("--budget-steps", "--steps", dest="steps", type=int, default=steps,
@@ -708,9 +602,12 @@ def spec_from(args: argparse.Namespace, *, title: str, overrides: list[str], met
     """A SweepSpec from the common options; `overrides` (the script's preset) come before the user's."""
     user = [*args.model_overrides, *args.overrides]
     check_user_overrides(user)
-    if len(set(args.lengths)) != len(args.lengths) or len(set(args.kinds)) != len(args.kinds):
-        raise UsageError("--lengths and --kinds must not repeat a value.")
-    return SweepSpec(title=title, series=[parse_kind(spec) for spec in args.kinds], lengths=args.lengths,
+    series = parse_series_list(args.series)
+    for one in series:
+        check_user_overrides([o for o in one.overrides if override_key(o) != "model"], option="--series")
+    if len(set(args.lengths)) != len(args.lengths):
+        raise UsageError("--lengths must not repeat a value.")
+    return SweepSpec(title=title, series=series, lengths=args.lengths,
                      budget=budget_from(args), overrides=merge_overrides(overrides, user), out=args.out.resolve(),
                      metric=metric, stand_in=args.stand_in_label, notes=notes or {}, timeout_s=args.timeout,
                      retry_failed=args.retry_failed, dry_run=args.dry_run, gpus=list(args.gpus))

@@ -5,12 +5,15 @@ tokens per step (`data.batch_size` = tokens / seq_len, gradient accumulation abo
 --micro-batch-tokens), then scores the test split. Collected into one CSV and a markdown table:
 the final test and validation metric, parameters, peak training memory and tokens/s per point.
 
-    python scripts/sweep_seq_len.py --kinds full fma:m=64,p=2 local linear --lengths 512 1024 2048 \\
-        --data enwik8 --data-path /data/enwik8.zip --objective clm \\
+    python scripts/sweep_seq_len.py --lengths 512 1024 2048 \\
+        --series model=full "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2" \\
+        model=local model=linear --data enwik8 --data-path /data/enwik8.zip --objective clm \\
         --budget-steps 2000 --tokens-per-step 16384 --overrides trainer=gpu --out results/sweep
 
-    --kinds          attention settings: a kind (full, fma, local, linear, reformer, htransformer) and
-                     options as kind:name=value,... (m, p, w stand for block_size, rank, window)
+    --series         attention settings, each one string of train.py overrides with model=KIND
+                     (full, fma, local, linear, reformer, htransformer) among them, optionally after
+                     a label and a colon: "fma m=32: model=fma model.attention.block_size=32"
+                     (unlabelled, "model=fma model.attention.block_size=32" is "fma block_size=32")
     --data           data group: synthetic (default), enwik8, wikitext103, text; --data-path its path
     --objective      clm (default) or mlm
     --seeds 0 1 2    several seeds: mean ± std in the table
@@ -36,10 +39,14 @@ import argparse
 
 from runlib import DATA_GROUPS, add_sweep_arguments, data_overrides, main_guard, run_sweep, spec_from
 
+SERIES = ["model=full", "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2", "model=local",
+          "model=linear"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sweep_arguments(parser, kinds=["full", "fma:m=64,p=2", "local", "linear"], lengths=[512, 1024, 2048, 4096],
-                        steps=1000, tokens_per_step=16384, out="results/sweep")
+    add_sweep_arguments(parser, series=SERIES, lengths=[512, 1024, 2048, 4096], steps=1000, tokens_per_step=16384,
+                        out="results/sweep")
     parser.add_argument("--data", default="synthetic", help=f"data group: {', '.join(DATA_GROUPS)}")
     parser.add_argument("--data-path", default=None, help="data.path of the data group")
     parser.add_argument("--objective", default="clm", choices=["clm", "mlm"])

@@ -1,4 +1,5 @@
-"""The comparison scripts end to end at a tiny scale: each table, the diagnostic, failures and resume.
+"""The comparison scripts end to end at a tiny scale: each table, the diagnostic, failures and resume;
+series (attention settings) and the benchmarks' planning.
 
 Every point is a real train.py process (about 5 s of imports each on CPU), so the runs are kept to a
 few points of a 1-layer, 32-wide model trained for 3 steps.
@@ -16,18 +17,24 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import fma
 from conftest import ROOT
-from models import ExclusiveDevice
+from models import ExclusiveDevice, TransformerLM
 
 SCRIPTS = ROOT / "scripts"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT2 = SHARED_DATA / "wikitext-2"
 sys.path.insert(0, str(SCRIPTS))
 
+import bench_attention  # noqa: E402
+import bench_train  # noqa: E402
+import benchlib  # noqa: E402
 import long_range_diagnostic  # noqa: E402
 import reproduce_tables  # noqa: E402
 import runlib  # noqa: E402
+from series import Series, UsageError, parse_series, parse_series_list  # noqa: E402
 
 needs_wikitext2 = pytest.mark.skipif(not (WIKITEXT2 / "valid.txt").exists(), reason="needs ../shared/data/wikitext-2")
 
@@ -60,8 +67,11 @@ def check_table(out: Path, metric: str, points: int, stand_in: str | None = None
     for row in rows:
         assert row["status"] == "ok", row["reason"]
         assert math.isfinite(float(row[f"test/{metric}"])) and math.isfinite(float(row[f"val/{metric}"]))
-        assert int(row["params"]) > 0 and row["params_source"] == "model rebuilt from the checkpoint"
         assert float(row["peak_mem_gib"]) > 0 and float(row["tokens_per_s"]) > 0
+        result = json.loads((out / row["run_dir"] / "result.json").read_text())   # what the row was read from
+        assert int(row["params"]) == result["parameters"]["total"] > 0
+        assert float(row["tokens_per_s"]) == result["tokens_per_s"] and float(row["peak_mem_gib"]) == result["peak_mem_gib"]
+        assert float(row[f"test/{metric}"]) == result["metrics"][f"test/{metric}"]
         assert (out / row["config"]).is_file() and f"data.seq_len={row['seq_len']}" in row["overrides"]
     table = (out / "table.md").read_text()
     assert "budget" in table and "torch" in table
@@ -70,27 +80,56 @@ def check_table(out: Path, metric: str, points: int, stand_in: str | None = None
     return rows
 
 
+def test_series_are_train_py_overrides_with_an_optional_label():
+    labelled = parse_series("fma m=16 p=4: model=fma model.attention.block_size=16 model.attention.rank=4")
+    assert labelled == Series("fma m=16 p=4", ("model=fma", "model.attention.block_size=16", "model.attention.rank=4"))
+    assert labelled.kind == "fma"
+    assert parse_series("model=fma  model.attention.block_size=32") == \
+        Series("fma block_size=32", ("model=fma", "model.attention.block_size=32"))
+    assert parse_series("model=full") == Series("full", ("model=full",))
+    assert parse_series("model.dim=64 model=local").label == "local dim=64"   # the kind first
+    for spec, message in [("full", "'full' is not a Hydra override"), ("fma: block_size=3", "name the attention kind"),
+                          ("model=full model=fma", "name the attention kind once"),
+                          ("model=nope", "Unknown attention kind 'nope'")]:
+        with pytest.raises(UsageError, match=message):
+            parse_series(spec)
+    with pytest.raises(UsageError, match="same label"):
+        parse_series_list(["model=full", "full: model=full model.attention.backend=math"])
+    with pytest.raises(UsageError, match="same overrides"):
+        parse_series_list(["a: model=full", "b: model=full"])
+
+
+def test_presets_keep_their_labels_and_point_keys():
+    """The comparison presets name today's rows, with the overrides (and so the point keys) of the
+    committed results/*/points.jsonl."""
+    assert [parse_series(spec).label for spec in reproduce_tables.SERIES] == [
+        "full", "fma m=64 p=2", "fma m=32 p=2", "htransformer", "linear", "reformer", "local"]
+    assert [parse_series(spec).label for spec in long_range_diagnostic.SERIES] == [
+        "full", "fma m=64 p=2", "fma m=16 p=4", "local", "linear", "reformer", "htransformer"]
+    committed = [json.loads(line) for line in (ROOT / "results" / "enwik8-standin" / "points.jsonl").read_text()
+                 .splitlines()]
+    for spec in reproduce_tables.SERIES:
+        series = parse_series(spec)
+        record = next(r for r in committed if r["label"] == series.label)
+        assert record["overrides"][:len(series.overrides)] == list(series.overrides)
+
+
 def test_planning_holds_the_budget_equal():
     budget = runlib.Budget(steps=10, tokens_per_step=1024, micro_batch_tokens=256)
     assert [budget.shape(n) for n in (32, 256, 512, 1024)] == [(8, 4), (1, 4), (1, 2), (1, 1)]
     assert budget.val_every == 10 and runlib.Budget(steps=8, tokens_per_step=64).val_every == 2
     with pytest.raises(runlib.UsageError, match="multiple"):
         budget.shape(2048)
-    series = runlib.parse_kind("fma:m=16,p=4")
-    assert series.label == "fma m=16 p=4"
-    assert series.overrides() == ["model=fma", "model.attention.block_size=16", "model.attention.rank=4"]
-    with pytest.raises(runlib.UsageError, match="Unknown attention kind"):
-        runlib.parse_kind("nope")
     with pytest.raises(runlib.UsageError, match="held equal|--lengths"):
         runlib.check_user_overrides(["data.seq_len=64"])
-    plan = runlib.plan_points([runlib.parse_kind("full")], [32, 64], budget, ["model.dim=8", "trainer.max_steps=1"])
+    plan = runlib.plan_points([parse_series("model=full")], [32, 64], budget, ["model.dim=8", "trainer.max_steps=1"])
     assert [p.overrides.count("trainer.max_steps=1") for p in plan] == [1, 1]  # a later override replaces
     assert all(p.batch_size * p.accumulate * p.seq_len == 1024 for p in plan)
 
 
 def test_seeds_give_mean_and_std_and_failures_show(tmp_path):
     budget = runlib.Budget(steps=4, tokens_per_step=128, seeds=(0, 1))
-    plan = runlib.plan_points([runlib.parse_kind("full")], [32, 64], budget, [])
+    plan = runlib.plan_points([parse_series("model=full")], [32, 64], budget, [])
     results = {32: [("ok", 1.0), ("ok", 1.2)], 64: [("oom", None), ("failed", None)]}
     records = {}
     for point in plan:
@@ -98,7 +137,7 @@ def test_seeds_give_mean_and_std_and_failures_show(tmp_path):
         records[point.key] = {"status": status, "reason": "CUDA out of memory" if status == "oom" else "boom",
                               "test/bpc": value, "params": 1000, "config": "", **({} if value is None else {
                                   "peak_mem_gib": 1.5, "tokens_per_s": 100.0})}
-    spec = runlib.SweepSpec(title="t", series=[runlib.parse_kind("full")], lengths=[32, 64], budget=budget,
+    spec = runlib.SweepSpec(title="t", series=[parse_series("model=full")], lengths=[32, 64], budget=budget,
                             overrides=[], out=tmp_path)
     table = runlib.markdown_report(spec, plan, records, "bpc")
     assert "| full | 1.100 ± 0.141 | OOM |" in table
@@ -113,10 +152,6 @@ def test_records_survive_a_torn_line(tmp_path):
     assert list(runlib.read_records(jsonl)) == ["a"]
     runlib.append_record(jsonl, {"key": "c", "status": "ok"})
     assert list(runlib.read_records(jsonl)) == ["a", "c"]
-    assert runlib.failure_reason("INFO: x\n\nerror: The valid split has 5 tokens. Lower data.seq_len=\n", 2) \
-        == "config error (exit 2): The valid split has 5 tokens. Lower data.seq_len="
-    assert runlib.failure_reason("Traceback (most recent call last):\n  File x\nRuntimeError: boom\n", 1) \
-        == "RuntimeError: boom"
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +172,8 @@ def test_enwik8_table(tmp_path, standin):
     assert sum(sizes) == (standin / "bytes.raw").stat().st_size
     out = tmp_path / "enwik8"
     result = run_script("reproduce_tables.py", [
-        "--table", "enwik8", "--data-path", str(standin / "bytes.raw"), "--kinds", "full", "fma:m=8,p=2",
+        "--table", "enwik8", "--data-path", str(standin / "bytes.raw"), "--series", "model=full",
+        "fma m=8 p=2: model=fma model.attention.block_size=8 model.attention.rank=2",
         "--lengths", "32", "64", "--tokens-per-step", "128", "--stand-in-label", "tiny CI stand-in",
         "--out", str(out), *tiny(tmp_path), f"data.split_bytes=[{','.join(map(str, sizes))}]"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -149,14 +185,18 @@ def test_enwik8_table(tmp_path, standin):
     assert result.stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # the table is printed last
 
 
-@pytest.mark.parametrize("table, kinds", [("wt103-mlm", ["fma:m=8,p=2"]), ("wt103-clm", ["full", "local:w=8"])])
-def test_wikitext_tables(tmp_path, standin, table, kinds):
+@pytest.mark.parametrize("table, series", [
+    ("wt103-mlm", ["fma m=8 p=2: model=fma model.attention.block_size=8 model.attention.rank=2"]),
+    ("wt103-clm", ["model=full", "model=local model.attention.window=8"]),
+])
+def test_wikitext_tables(tmp_path, standin, table, series):
     out = tmp_path / table
     result = run_script("reproduce_tables.py", [
-        "--table", table, "--data-path", str(standin), "--kinds", *kinds, "--lengths", "32",
+        "--table", table, "--data-path", str(standin), "--series", *series, "--lengths", "32",
         "--tokens-per-step", "64", "--out", str(out), *tiny(tmp_path), "data.vocab_size=300"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = check_table(out, "ppl", len(kinds))
+    rows = check_table(out, "ppl", len(series))
+    assert [r["label"] for r in rows] == [parse_series(one).label for one in series]
     objective = "mlm" if table == "wt103-mlm" else "clm"
     assert all(f"objective={objective}" in r["overrides"] and "data=wikitext103" in r["overrides"] for r in rows)
     assert "perplexity" in (out / "table.md").read_text()
@@ -170,19 +210,20 @@ def test_chance_levels_by_hand():
     assert long_range_diagnostic.chance("recall", 16) == pytest.approx(4 / 7)
 
 
-@pytest.mark.parametrize("task, lengths, kinds, gpus, chance", [
-    ("copy", ["32", "64"], ["full", "local:w=8"], ["0", "0"], "0.100"),   # vocabulary 11: 1/10
-    ("recall", ["32"], ["fma:m=8,p=2"], [], "0.600"),
+@pytest.mark.parametrize("task, lengths, series, gpus, chance", [
+    ("copy", ["32", "64"], ["model=full", "local w=8: model=local model.attention.window=8"], ["0", "0"],
+     "0.100"),   # vocabulary 11: 1/10
+    ("recall", ["32"], ["fma m=8 p=2: model=fma model.attention.block_size=8 model.attention.rank=2"], [], "0.600"),
 ])
-def test_long_range_diagnostic(tmp_path, task, lengths, kinds, gpus, chance):
+def test_long_range_diagnostic(tmp_path, task, lengths, series, gpus, chance):
     """Copy also runs two points side by side on one listed GPU (CPU here), taking turns."""
     out = tmp_path / "diagnostic"
     result = run_script("long_range_diagnostic.py", [
-        "--task", task, "--lengths", *lengths, "--kinds", *kinds, "--tokens-per-step", "128",
+        "--task", task, "--lengths", *lengths, "--series", *series, "--tokens-per-step", "128",
         *(["--gpus", *gpus] if gpus else []), "--out", str(out), *tiny(tmp_path), "data.num_test=16",
         "data.vocab_size=11"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = check_table(out, "acc", len(lengths) * len(kinds))
+    rows = check_table(out, "acc", len(lengths) * len(series))
     table = (out / "table.md").read_text()
     assert f"synthetic {task}, vocabulary 11; chance accuracy about {chance}" in table
     logged = {(r["label"], r["seq_len"]): r["test/acc"] for r in records(out)}
@@ -221,9 +262,112 @@ def test_timeout_leaves_out_the_wait_for_a_shared_gpu(tmp_path, monkeypatch, rep
         f"open(run_dir + '/{runlib.WAIT_FILE}', 'w').write('{reported_wait}')\n"
         "time.sleep(2.5)\n")
     monkeypatch.setattr(runlib, "TRAIN", stand_in)
-    point = runlib.plan_points([runlib.parse_kind("full")], [32], runlib.Budget(steps=1, tokens_per_step=32), [])[0]
+    point = runlib.plan_points([parse_series("model=full")], [32], runlib.Budget(steps=1, tokens_per_step=32), [])[0]
     record = runlib.run_point(point, tmp_path / "out", timeout_s=1.5, gpu="0", shared_gpu=True)
     assert record["status"] == status and record["device_wait_s"] == reported_wait
+
+
+@pytest.mark.parametrize("result, expected", [
+    ({"status": "ok", "reason": "", "metrics": {"val/bpc": 2.5, "test/bpc": 2.25}, "parameters": {"total": 1234},
+      "tokens_per_s": 1000.5, "peak_mem_gib": 3.5, "steps": 7},
+     {"status": "ok", "reason": "", "val/bpc": 2.5, "test/bpc": 2.25, "params": 1234, "tokens_per_s": 1000.5,
+      "peak_mem_gib": 3.5, "steps_trained": 7}),
+    ({"status": "oom", "reason": "OutOfMemoryError: CUDA out of memory", "metrics": {"val/bpc": 2.5},
+      "parameters": {"total": 1234}, "tokens_per_s": None, "peak_mem_gib": 70.0, "steps": 3},
+     {"status": "oom", "reason": "OutOfMemoryError: CUDA out of memory", "val/bpc": 2.5, "params": 1234,
+      "peak_mem_gib": 70.0, "steps_trained": 3}),
+    ({"status": "config_error", "reason": "The valid split has 5 tokens. Lower data.seq_len=", "metrics": {},
+      "parameters": None, "tokens_per_s": None, "peak_mem_gib": None, "steps": 0},
+     {"status": "failed", "reason": "config error (exit 2): The valid split has 5 tokens. Lower data.seq_len=",
+      "params": None}),
+    ({"status": "ok", "reason": "", "metrics": {"val/bpc": 2.5}, "parameters": {"total": 1234},
+      "tokens_per_s": 10.0, "peak_mem_gib": 1.0, "steps": 7},
+     {"status": "failed", "reason": "train.py ended without test/* metrics in result.json"}),
+    (None, {"status": "failed", "returncode": 1, "reason": "no result.json: train.py exited with code 1 without "
+            "writing one (it crashed before it could, e.g. on a bad override; see stderr.log)"}),
+])
+def test_a_point_record_is_read_from_result_json(tmp_path, monkeypatch, result, expected):
+    """A stand-in for train.py that writes `result` as its result.json (None: exits 1 without one)."""
+    stand_in = tmp_path / "stand_in_train.py"
+    stand_in.write_text(
+        "import sys\n"
+        "run_dir = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('hydra.run.dir='))\n"
+        + (f"open(run_dir + '/result.json', 'w').write({json.dumps(result)!r})\n" if result else "sys.exit(1)\n"))
+    monkeypatch.setattr(runlib, "TRAIN", stand_in)
+    point = runlib.plan_points([parse_series("model=full")], [32], runlib.Budget(steps=1, tokens_per_step=32), [])[0]
+    record = runlib.run_point(point, tmp_path / "out", timeout_s=60)
+    assert {key: record.get(key) for key in expected} == expected
+    if result and result["status"] == "ok":
+        assert record["returncode"] == 0 and record["label"] == "full" and record["kind"] == "full"
+
+
+def test_a_killed_run_leaves_no_result_json_and_its_record_says_so(tmp_path):
+    """A real train.py point killed with SIGKILL once it is training (its metrics log exists, after 100
+    steps): no result.json, and the record names the signal."""
+    budget = runlib.Budget(steps=100_000, tokens_per_step=128)
+    point = runlib.plan_points([parse_series("model=full")], [32], budget, [
+        "trainer=cpu", "model.dim=32", "model.depth=1", "model.num_heads=2", "trainer.enable_model_summary=false",
+        f"paths.cache_dir={tmp_path / 'cache'}"])[0]
+    run_dir, records = tmp_path / "out" / "points" / point.name, []
+    runner = threading.Thread(target=lambda: records.append(runlib.run_point(point, tmp_path / "out", timeout_s=300)))
+    runner.start()
+    deadline = time.time() + 240
+    while not (run_dir / "csv" / "metrics.csv").exists() and time.time() < deadline and runner.is_alive():
+        time.sleep(0.2)
+    assert (run_dir / "csv" / "metrics.csv").exists(), (run_dir / "stderr.log").read_text()[-3000:]
+    with runlib._RUNNING_LOCK:
+        [process] = runlib._RUNNING
+    process.kill()
+    runner.join(60)
+    [record] = records
+    assert record["returncode"] == -signal.SIGKILL and record["status"] == "failed"
+    assert record["reason"] == "no result.json: killed by signal SIGKILL (possibly the host's out-of-memory killer)"
+    assert (run_dir / "csv" / "metrics.csv").exists() and not (run_dir / "result.json").exists()
+
+
+# Before series, the benchmarks' rows were these (kind, options), FMA's max_seq_len set to the length.
+OLD_VARIANTS = {
+    "full (flash)": ("full", {"backend": "flash"}),
+    "fma m=64 p=2": ("fma", {"block_size": 64, "rank": 2}),
+    "fma m=32 p=2": ("fma", {"block_size": 32, "rank": 2}),
+    "local w=128": ("local", {"window": 128}),
+    "linear": ("linear", {}),
+    "htransformer": ("htransformer", {}),
+    "reformer": ("reformer", {}),
+}
+
+
+def test_benchmark_rows_compose_to_the_layers_and_models_they_measured():
+    """Each default row, composed from the configs at length 256, builds the same attention layer and
+    the same model (parameters equal under one seed) as the old (kind, options) rows."""
+    args = benchlib.parse_args(bench_attention.benchmark_parser("", lengths=[256], tokens=256, tokens_help="",
+                                                                out="unused"), [])
+    assert [series.label for series in args.series] == list(OLD_VARIANTS)
+    assert benchlib.model_config(args.series[2], 256)["attention"] == {
+        "name": "fma", "block_size": 32, "rank": 2, "downsample": "groupedconv", "scale_coarse": True,
+        "backend": "auto", "max_seq_len": 256}
+    for series in args.series:
+        kind, options = OLD_VARIANTS[series.label]
+        options = {**options, "max_seq_len": 256} if kind == "fma" else options
+        torch.manual_seed(0)
+        layer = bench_attention.attention_layer(series, 256, dim=32, heads=2, causal=True)
+        torch.manual_seed(0)
+        old_layer = fma.build_attention(kind, dim=32, num_heads=2, causal=True, **options)
+        assert type(layer) is type(old_layer) and same_parameters(layer, old_layer), series.label
+        torch.manual_seed(0)
+        model = bench_train.train_model(series, 256, depth=1, dim=32, heads=2)
+        torch.manual_seed(0)
+        old_model = TransformerLM(vocab_size=256, causal=True, dim=32, depth=1, num_heads=2, dropout=0.0,
+                                  attention={"name": kind, **options})
+        assert same_parameters(model, old_model) and model.blocks[0].mlp.dropout.p == 0.0, series.label
+    with pytest.raises(SystemExit):   # a bad row is a usage error
+        benchlib.parse_args(bench_attention.benchmark_parser("", lengths=[256], tokens=256, tokens_help="",
+                                                             out="unused"), ["--series", "fma:m=64,p=2"])
+
+
+def same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    first, second = a.state_dict(), b.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 @needs_wikitext2
@@ -233,7 +377,7 @@ def test_failed_point_is_recorded_and_an_interrupted_sweep_resumes(tmp_path):
     text = tmp_path / "small.txt"
     text.write_bytes(reproduce_tables.head((WIKITEXT2 / "valid.txt").read_bytes(), 12000))
     out = tmp_path / "sweep"
-    args = ["--kinds", "full", "--lengths", "32", "64", "1024", "--data", "text", "--data-path", str(text),
+    args = ["--series", "model=full", "--lengths", "32", "64", "1024", "--data", "text", "--data-path", str(text),
             "--tokens-per-step", "1024", "--micro-batch-tokens", "256", "--out", str(out), *tiny(tmp_path, steps=2)]
     dry = run_script("sweep_seq_len.py", [*args, "--dry-run"], cwd=tmp_path)
     assert dry.returncode == 0 and dry.stdout.count("train.py") == 3 and not out.exists()
