@@ -14,17 +14,31 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from fma.errors import ConfigurationError
 
-from .cache import atomic_path, exclusive_lock, fingerprint, read_meta, write_meta
+from .cache import atomic_path, exclusive_lock, fingerprint, read_meta, remove_stale_temporaries, write_meta
 from .windows import EvalWindows, SplitFile, TrainWindows, evenly_spaced
 
 SPLITS = ("train", "valid", "test")
-SPLITS_USED_BY_STAGE = {"fit": ("train", "valid"), "validate": ("valid",), "test": ("test",), "predict": ()}
 UNBOUNDED_BATCHES = 2**40  # the training loader's nominal length; trainer.max_steps ends the run long before
 
 
 def require_positive(name: str, value) -> None:
     if not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"data.{name}={value!r} must be a positive integer; set data.{name}=<n>.")
+
+
+def require_file(path: Path, hint: str) -> Path:
+    """`path` if it is a regular file with something in it; otherwise an error saying what it is."""
+    if path.is_dir():
+        problem = "is a directory, not a file"
+    elif not path.exists():
+        problem = "does not exist"
+    elif not path.is_file():
+        problem = "is not a regular file"
+    elif path.stat().st_size == 0:
+        problem = "is empty"
+    else:
+        return path
+    raise ConfigurationError(f"data.path={path} {problem}. Pass {hint}.")
 
 
 class RankSampler(DistributedSampler):
@@ -142,6 +156,7 @@ class FileDataModule(TokenDataModule):
     """
 
     dataset_name: str
+    split_option = ""  # the setting that sizes the splits, if there is one (named in the split check's fix)
 
     def __init__(self, *, cache_dir: str, **common):
         super().__init__(**common)
@@ -158,38 +173,52 @@ class FileDataModule(TokenDataModule):
         raise NotImplementedError
 
     def prepare_data(self) -> None:
-        """Find the complete cache for the current sources and settings, building it if there is none.
+        """Find the complete cache for the current sources and settings, building it if there is none,
+        then check that every split holds a window.
 
-        Once per instance: Lightning calls it again in fit and test, and hashing the sources (hundreds
-        of MB for WikiText-103) every time would be wasted.
+        train.py calls this before it builds the model, so a split too short for `seq_len` (the test
+        split included) stops the run before its first step, not after training. Finding the cache
+        happens once per instance: Lightning calls prepare_data again in fit and test, and hashing
+        the sources (hundreds of MB for WikiText-103) every time would be wasted.
         """
-        if self.meta is not None:
+        if self.meta is None:
+            # Killed builds and downloads leave temporary files, in caches that may never be built again.
+            remove_stale_temporaries(self.cache_dir / self.dataset_name, "*/*.tmp")
+            key = self.cache_key()
+            directory = self.cache_dir / self.dataset_name / fingerprint(key)
+            with exclusive_lock(directory.with_name(f"{directory.name}.lock")):
+                meta = read_meta(directory)
+                if meta is None:
+                    meta = {"source": key, **self.build_cache(directory)}
+                    itemsize = np.dtype(meta["dtype"]).itemsize
+                    meta["lengths"] = {
+                        split: (directory / f"{split}.bin").stat().st_size // itemsize for split in SPLITS
+                    }
+                    write_meta(directory, meta)
+            self.cache, self.meta = directory, meta
+            self.vocab_size, self.metric = meta["vocab_size"], meta["metric"]
+        for split in SPLITS:
+            self.check_split_length(split, self.meta["lengths"][split])
+
+    def check_split_length(self, split: str, length: int) -> None:
+        """A split must hold one window, seq_len + 1 tokens; below two tokens no seq_len fits."""
+        if length >= self.seq_len + 1:
             return
-        key = self.cache_key()
-        directory = self.cache_dir / self.dataset_name / fingerprint(key)
-        with exclusive_lock(directory.with_name(f"{directory.name}.lock")):
-            meta = read_meta(directory)
-            if meta is None:
-                meta = {"source": key, **self.build_cache(directory)}
-                itemsize = np.dtype(meta["dtype"]).itemsize
-                meta["lengths"] = {
-                    split: (directory / f"{split}.bin").stat().st_size // itemsize for split in SPLITS
-                }
-                write_meta(directory, meta)
-        self.cache, self.meta = directory, meta
-        self.vocab_size, self.metric = meta["vocab_size"], meta["metric"]
+        more_data = "a larger file"
+        if self.split_option:
+            more_data += f", or a larger {split} split ({self.split_option}=)"
+        if length > 1:
+            raise ConfigurationError(
+                f"The {split} split of {self.dataset_name} has {length:,} tokens, fewer than seq_len + 1 = "
+                f"{self.seq_len + 1:,}. Lower data.seq_len= (at most {length - 1:,}), or use {more_data}."
+            )
+        raise ConfigurationError(
+            f"The {split} split of {self.dataset_name} {'is empty' if length == 0 else 'has 1 token'}, "
+            f"too few for a window at any data.seq_len. Use {more_data}."
+        )
 
     def setup(self, stage: str | None = None) -> None:
-        """Check that every split this stage uses holds at least one window (seq_len + 1 tokens)."""
         self.prepare_data()  # for a rank on which Lightning did not call it (a no-op once done)
-        for split in SPLITS_USED_BY_STAGE.get(stage, SPLITS):
-            length = self.meta["lengths"][split]
-            if length < self.seq_len + 1:
-                raise ConfigurationError(
-                    f"The {split} split of {self.dataset_name} has {length:,} tokens, fewer than "
-                    f"seq_len + 1 = {self.seq_len + 1:,}. Lower data.seq_len= (at most {max(length - 1, 0)}) "
-                    f"or use a larger file."
-                )
 
     def split_tokens(self, split: str) -> SplitFile:
         return SplitFile(self.cache / f"{split}.bin", self.meta["dtype"], self.meta["lengths"][split])

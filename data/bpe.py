@@ -4,12 +4,15 @@ Byte-level means the 256 byte symbols are always in the vocabulary, so any text 
 unknown token and decode(encode(text)) == text exactly.
 """
 
+import codecs
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from fma.errors import ConfigurationError
 
 from .cache import atomic_path, token_dtype
 
@@ -26,6 +29,31 @@ def line_batches(lines: Iterable[str]) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
+
+
+def not_utf8(path: Path, fix: str, chunk_bytes: int = 1 << 22) -> ConfigurationError:
+    """The error for a file that failed to decode as UTF-8, naming its first bad byte and where it is.
+
+    Decoders report positions inside the chunk they were given, which mean nothing to the user, so
+    the file is decoded again here, counting bytes, to find the offset in the file.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read = 0
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # bytes of an unfinished character, held from the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                byte, offset = error.object[error.start], read - pending + error.start
+                return ConfigurationError(
+                    f"{path} is not UTF-8 text (byte 0x{byte:02x} at offset {offset:,}: {error.reason}), "
+                    f"which the BPE tokenizer needs. {fix}"
+                )
+            if not chunk:  # it failed to decode before: something rewrote it meanwhile
+                return ConfigurationError(f"{path} changed while it was read. Run again once nothing writes to it.")
+            read += len(chunk)
 
 
 def train_bpe(lines: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -9,6 +9,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,22 +18,58 @@ from pathlib import Path
 import numpy as np
 
 CACHE_FORMAT = 1  # bump when the layout or the tokenisation code changes, to invalidate old caches
+# <name>.<pid>@<host>.<8 hex>.tmp; names written before the host was recorded lack "@<host>".
+TEMPORARY_NAME = re.compile(r".+\.(?P<pid>\d+)(@(?P<host>[^@/]+))?\.[0-9a-f]{8}\.tmp")
 
 
 @contextmanager
 def atomic_path(path: Path):
     """Yield a unique temporary path next to `path`; `os.replace` it onto `path` if the block succeeds.
 
-    The name carries the pid and a random suffix, so concurrent writers never share a temp file;
-    on any failure (including Ctrl-C) the temp file is removed and `path` is left untouched.
+    The name carries the pid, the host and a random suffix, so concurrent writers never share a temp
+    file; on any failure (including Ctrl-C) the temp file is removed and `path` is left untouched.
+    Only SIGKILL (or a crash of the machine) leaves one behind: writing into the folder again first
+    removes those of dead writers (`remove_stale_temporaries`).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    remove_stale_temporaries(path.parent)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def writer_is_dead(temporary: Path) -> bool:
+    """Whether the process that named `temporary` (atomic_path's format) has ended, for certain.
+
+    Only a process of this host can be checked; a name from another host (a shared filesystem) is
+    never judged dead. A pid that is alive (perhaps reused by an unrelated process) or that belongs
+    to another user counts as alive: a stale file may be kept, a live writer's file is never lost.
+    Names without a host, from before the host was recorded, are judged by their pid alone.
+    """
+    match = TEMPORARY_NAME.fullmatch(temporary.name)
+    if match is None or match["host"] not in (None, socket.gethostname()):
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)  # signal 0 sends nothing: it only asks whether the pid exists
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # alive under another user; too large to be a pid
+        pass
+    return False
+
+
+def remove_stale_temporaries(directory: Path, pattern: str = "*.tmp") -> None:
+    """Delete the temporary files (`pattern` below `directory`) of writers that are dead.
+
+    They are never trusted (the real name appears only by rename), but a SIGKILLed writer leaves
+    them behind, up to a whole split or checkpoint in size.
+    """
+    for temporary in directory.glob(pattern):
+        if writer_is_dead(temporary):
+            temporary.unlink(missing_ok=True)
 
 
 @contextmanager

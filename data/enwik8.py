@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fma.errors import ConfigurationError
 
-from .base import SPLITS, FileDataModule, write_byte_splits
+from .base import SPLITS, FileDataModule, require_file, write_byte_splits
 from .cache import atomic_path, exclusive_lock, file_identity, sha256_file
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
@@ -81,6 +81,7 @@ class Enwik8DataModule(FileDataModule):
     """
 
     dataset_name = "enwik8"
+    split_option = "data.split_bytes"
 
     def __init__(self, *, path: str | None = None, split_bytes=(90_000_000, 5_000_000, 5_000_000), **common):
         super().__init__(**common)
@@ -95,9 +96,7 @@ class Enwik8DataModule(FileDataModule):
     def source(self) -> Path:
         if self.path is None:
             return download_enwik8(self.cache_dir / self.dataset_name / "download" / "enwik8.zip")
-        if not self.path.is_file():
-            raise ConfigurationError(f"data.path={self.path} does not exist. Pass {PATH_HINT}.")
-        return self.path
+        return require_file(self.path, PATH_HINT)
 
     def cache_key(self) -> dict:
         return {"file": file_identity(self.source()), "split_bytes": list(self.split_bytes)}

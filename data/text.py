@@ -7,10 +7,11 @@ from pathlib import Path
 from fma.errors import ConfigurationError
 
 from . import bpe
-from .base import SPLITS, FileDataModule, require_positive, write_byte_splits
+from .base import SPLITS, FileDataModule, require_file, require_positive, write_byte_splits
 from .cache import file_identity
 
 TOKENIZERS = ("byte", "bpe")
+PATH_HINT = "data.path=/path/to/file.txt"
 
 
 def contiguous_split(sequence, fractions: tuple[float, float, float]) -> tuple:
@@ -29,17 +30,20 @@ class TextDataModule(FileDataModule):
     """
 
     dataset_name = "text"
+    split_option = "data.split_fractions"
 
     def __init__(
         self,
         *,
-        path: str,
+        path: str | None = None,
         tokenizer: str = "byte",
         vocab_size: int = 4096,
         split_fractions=(0.9, 0.05, 0.05),
         **common,
     ):
         super().__init__(**common)
+        if path is None:
+            raise ConfigurationError(f"data=text reads one text file, and none was given. Pass {PATH_HINT}.")
         if tokenizer not in TOKENIZERS:
             raise ConfigurationError(
                 f"Unknown data.tokenizer={tokenizer!r}; use one of {', '.join(TOKENIZERS)}."
@@ -55,11 +59,8 @@ class TextDataModule(FileDataModule):
         self.tokenizer, self.bpe_vocab_size, self.split_fractions = tokenizer, vocab_size, fractions
 
     def cache_key(self) -> dict:
-        if not self.path.is_file():
-            raise ConfigurationError(
-                f"data.path={self.path} does not exist. Pass data.path=/path/to/file.txt."
-            )
-        key = {"file": file_identity(self.path), "split_fractions": list(self.split_fractions)}
+        source = require_file(self.path, PATH_HINT)
+        key = {"file": file_identity(source), "split_fractions": list(self.split_fractions)}
         if self.tokenizer == "bpe":
             return {**key, "tokenizer": "byte-level-bpe", "vocab_size": self.bpe_vocab_size}
         return {**key, "tokenizer": "byte"}
@@ -72,10 +73,7 @@ class TextDataModule(FileDataModule):
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise ConfigurationError(
-                f"{self.path} is not UTF-8 text ({error}), which the BPE tokenizer needs. "
-                f"Use data.tokenizer=byte, or convert the file to UTF-8."
-            ) from error
+            raise bpe.not_utf8(self.path, "Use data.tokenizer=byte, or convert the file to UTF-8.") from error
         parts = contiguous_split(text, self.split_fractions)
         lines = {split: partial(str.splitlines, part, True) for split, part in zip(SPLITS, parts)}
         return bpe.write_bpe_splits(directory, lines, self.bpe_vocab_size)

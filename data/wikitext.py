@@ -18,7 +18,8 @@ PATH_HINT = "data.path=/dir/with/wiki.train.tokens"
 def split_files(directory: Path) -> dict[str, Path]:
     """wiki.<split>.tokens for the three splits in `directory`, or else the wiki.<split>.raw versions."""
     if not directory.is_dir():
-        raise ConfigurationError(f"data.path={directory} is not a directory. Pass {PATH_HINT}.")
+        problem = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise ConfigurationError(f"data.path={directory} {problem}. Pass {PATH_HINT}.")
     for suffix in (".tokens", ".raw"):
         files = {split: directory / f"wiki.{split}{suffix}" for split in SPLITS}
         if all(path.is_file() for path in files.values()):
@@ -33,8 +34,11 @@ def split_files(directory: Path) -> dict[str, Path]:
 
 def read_lines(path: Path) -> Iterator[str]:
     """The file's lines with their line ends untouched, so the text is reproduced byte for byte."""
-    with open(path, encoding="utf-8", newline="") as lines:
-        yield from lines
+    try:
+        with open(path, encoding="utf-8", newline="") as lines:
+            yield from lines
+    except UnicodeDecodeError as error:
+        raise bpe.not_utf8(path, f"Convert it to UTF-8, or unzip wikitext-103 again and pass {PATH_HINT}.") from error
 
 
 def fetch_from_hub(directory: Path) -> Path:

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from data.cache import atomic_path
+from data.cache import atomic_path, remove_stale_temporaries
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -43,11 +43,20 @@ class ThroughputMonitor(L.Callback):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint under a temporary name and renames it into place: a run killed while
-    saving leaves the previous checkpoint intact instead of a truncated one."""
+    saving leaves the previous checkpoint intact instead of a truncated one.
+
+    The temporary file such a kill leaves (as large as a checkpoint) is removed the next time the
+    folder is used: saving into it (atomic_path does that) or loading from it, which is how a
+    killed run's folder is used again (ckpt_path= resumes into a new folder).
+    """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         with atomic_path(Path(path)) as temporary:
             super().save_checkpoint(checkpoint, temporary, storage_options)
+
+    def load_checkpoint(self, path, *args, **kwargs):
+        remove_stale_temporaries(Path(path).parent)
+        return super().load_checkpoint(path, *args, **kwargs)
 
 
 class ExclusiveDevice(L.Callback):

@@ -38,6 +38,10 @@ class LanguageModelModule(L.LightningModule):
         if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
             raise ConfigurationError(f"loss_chunk_tokens={loss_chunk_tokens} must be a positive number of "
                                      f"tokens, or null to apply the head to all at once; set loss_chunk_tokens=.")
+        total_steps = optim.get("total_steps")
+        if total_steps is not None and total_steps < 1:
+            raise ConfigurationError(f"optim.total_steps={total_steps!r} must be a positive number of steps (the LR "
+                                     f"schedule's length), or null for trainer.max_steps; set optim.total_steps=.")
         self.save_hyperparameters(ignore=["net", "objective"])
         self.net, self.objective, self.optim, self.seed = net, objective, dict(optim), seed
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -127,8 +131,10 @@ class LanguageModelModule(L.LightningModule):
             lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
         )
         total_steps = self.optim.get("total_steps") or self.trainer.max_steps
-        if total_steps is None or total_steps < 1:
-            raise ValueError("set trainer.max_steps (or optim.total_steps) so the LR schedule has an end")
+        if total_steps is None or total_steps < 1:  # 0, or Lightning's -1 ("no limit"): a schedule without an end
+            raise ConfigurationError(f"trainer.max_steps={total_steps} must be a positive number of steps: the LR "
+                                     f"schedule ends there. Set trainer.max_steps=<n> (or optim.total_steps=<n> "
+                                     f"for the schedule alone).")
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
             step, warmup_steps=self.optim["warmup_steps"], total_steps=total_steps,
             min_lr_ratio=self.optim["min_lr_ratio"]))

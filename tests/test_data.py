@@ -4,6 +4,9 @@ import gzip
 import hashlib
 import io
 import multiprocessing
+import os
+import socket
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -400,6 +403,43 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"] and target.read_bytes() == b"whole"
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_temporary_files_of_dead_writers_are_removed_when_the_cache_is_next_used(tmp_path):
+    """A SIGKILLed builder leaves its temporary file; the next prepare_data removes it, in any cache of
+    the dataset (an abandoned build too), but never one of a live process or of another host."""
+    host, dead, alive = socket.gethostname(), dead_pid(), os.getpid()
+    abandoned = tmp_path / "cache" / "enwik8" / "0123456789abcdef"
+    abandoned.mkdir(parents=True)
+    names = {
+        f"train.bin.{dead}@{host}.0badcafe.tmp": False,
+        f"valid.bin.{dead}.deadbeef.tmp": False,  # the format before hosts were recorded
+        f"train.bin.{alive}@{host}.0badcafe.tmp": True,
+        f"valid.bin.{alive}.deadbeef.tmp": True,
+        f"train.bin.{dead}@another-{host}.0badcafe.tmp": True,
+        "notes.tmp": True,  # not a name atomic_path writes
+    }
+    for name in names:
+        (abandoned / name).write_bytes(b"partial")
+    prepared(enwik8_module(tmp_path))
+    assert {name: (abandoned / name).exists() for name in names} == names
+
+
+def test_writing_into_a_folder_removes_dead_writers_temporary_files(tmp_path):
+    stale, live = tmp_path / f"meta.json.{dead_pid()}.deadbeef.tmp", tmp_path / f"x.{os.getpid()}.deadbeef.tmp"
+    for path in (stale, live):
+        path.write_bytes(b"partial")
+    with atomic_path(tmp_path / "file.bin") as temporary:
+        assert f".{os.getpid()}@{socket.gethostname()}." in temporary.name
+        temporary.write_bytes(b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file.bin", live.name])
+
+
 def build_enwik8_cache(tmp_path):
     prepared(enwik8_module(tmp_path))
 
@@ -479,13 +519,80 @@ def test_text_missing_file_and_unknown_tokenizer(tmp_path):
 
 def test_seq_len_longer_than_a_split(tmp_path):
     module = enwik8_module(tmp_path, seq_len=50)  # valid and test hold 50 tokens; a window needs 51
-    module.prepare_data()
     with pytest.raises(ConfigurationError, match="valid split of enwik8 has 50 tokens") as raised:
-        module.setup("fit")
+        module.prepare_data()
     assert "data.seq_len=" in str(raised.value) and "at most 49" in str(raised.value)
-    with pytest.raises(ConfigurationError, match="test split of enwik8 has 50 tokens"):
-        module.setup("test")
+    assert "data.split_bytes=" in str(raised.value)
     prepared(enwik8_module(tmp_path, seq_len=49))  # the largest seq_len that fits every split
+
+
+def test_a_short_test_split_is_refused_before_training(tmp_path):
+    """prepare_data, which train.py calls before it builds anything, checks the test split too."""
+    source = tmp_path / "small.txt"
+    source.write_bytes(counting_bytes())  # split 900 / 70 / 30
+    module = TextDataModule(**small(tmp_path, path=str(source), split_fractions=[0.9, 0.07, 0.03], seq_len=40))
+    with pytest.raises(ConfigurationError, match="test split of text has 30 tokens") as raised:
+        module.prepare_data()
+    assert "at most 29" in str(raised.value) and "data.split_fractions=" in str(raised.value)
+    assert list(tmp_path.rglob("meta.json")), "the cache itself is fine and kept for the next run"
+
+
+@pytest.mark.parametrize("fractions, split, holds", [([0.5, 0.495, 0.005], "test", "is empty"),
+                                                     ([0.5, 0.49, 0.01], "test", "has 1 token")])
+def test_a_split_too_small_for_any_seq_len_says_so(tmp_path, fractions, split, holds):
+    source = tmp_path / "small.txt"
+    source.write_bytes(counting_bytes(100))
+    with pytest.raises(ConfigurationError) as raised:
+        TextDataModule(**small(tmp_path, path=str(source), split_fractions=fractions)).prepare_data()
+    message = str(raised.value)
+    assert f"The {split} split of text {holds}" in message and "at any data.seq_len" in message
+    assert "at most" not in message and "data.split_fractions=" in message
+
+
+def test_a_directory_or_an_empty_file_given_as_the_file(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    for module_class in (TextDataModule, Enwik8DataModule):
+        message = failure(module_class, tmp_path, path=str(tmp_path))
+        assert f"data.path={tmp_path} is a directory, not a file" in message and "Pass data.path=/path/to/" in message
+        message = failure(module_class, tmp_path, path=str(tmp_path / "empty.txt"))
+        assert "empty.txt is empty" in message and "Pass data.path=/path/to/" in message
+    message = failure(WikiText103DataModule, tmp_path, path=str(tmp_path / "empty.txt"))
+    assert "is a file, not a directory" in message and "data.path=/dir/with/wiki.train.tokens" in message
+
+
+def test_text_without_a_path(tmp_path):
+    assert "data.path=/path/to/file.txt" in failure(TextDataModule, tmp_path)
+
+
+def test_not_utf8_names_the_offset_in_the_file_for_text_and_wikitext(wiki_dir, tmp_path):
+    """WikiText streams its files, so a decoder's position is inside a chunk; the message gives the file's."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in WIKI_FILES:
+        (bad / name).write_bytes((wiki_dir / name).read_bytes())
+    valid = bytearray((bad / "wiki.valid.tokens").read_bytes())
+    offset = len(valid) - 1000  # well past the first chunk a decoder reads
+    valid[offset] = 0xFF
+    (bad / "wiki.valid.tokens").write_bytes(bytes(valid))
+    message = failure(WikiText103DataModule, tmp_path, path=str(bad), vocab_size=300)
+    assert f"wiki.valid.tokens is not UTF-8 text (byte 0xff at offset {offset:,}: invalid start byte)" in message
+    assert "data.path=/dir/with/wiki.train.tokens" in message
+    message = failure(TextDataModule, tmp_path, path=str(bad / "wiki.valid.tokens"), tokenizer="bpe")
+    assert f"wiki.valid.tokens is not UTF-8 text (byte 0xff at offset {offset:,}: invalid start byte)" in message
+    assert "data.tokenizer=byte" in message
+
+
+@pytest.mark.parametrize("content, offset, reason", [
+    ("aé€".encode() + b"\xe2\x82" + "€b".encode(), 6, "invalid continuation byte"),  # a character cut short
+    ("ab€".encode() + b"\x80", 5, "invalid start byte"),
+    ("€€".encode() + b"\xe2\x82", 6, "unexpected end of data"),  # the file ends inside a character
+])
+def test_not_utf8_offsets_across_chunk_boundaries(tmp_path, content, offset, reason):
+    path = tmp_path / "file.txt"
+    path.write_bytes(content)
+    for chunk_bytes in (1, 2, 3, 4, 1 << 22):
+        message = str(data.bpe.not_utf8(path, "Fix it.", chunk_bytes=chunk_bytes))
+        assert f"(byte 0x{content[offset]:02x} at offset {offset}: {reason})" in message, chunk_bytes
 
 
 def test_bad_common_arguments(tmp_path):

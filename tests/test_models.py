@@ -1,6 +1,8 @@
 """The language model, objectives, metric and schedule, against hand-computed values."""
 
 import math
+import os
+import socket
 
 import pytest
 import torch
@@ -8,8 +10,10 @@ import torch.nn.functional as F
 
 from conftest import assert_prefix_unchanged
 from fma import ATTENTION_KINDS, ConfigurationError, build_attention
-from models import IGNORE, CausalLM, LanguageModelMetric, LanguageModelModule, MaskedLM, TransformerLM
+from models import (IGNORE, AtomicCheckpointIO, CausalLM, LanguageModelMetric, LanguageModelModule, MaskedLM,
+                    TransformerLM)
 from models.lit_module import warmup_cosine
+from test_data import dead_pid
 
 CAUSAL_KINDS = sorted(ATTENTION_KINDS)
 # Small options that give every kind a multi-level structure at the test lengths.
@@ -191,3 +195,40 @@ def test_module_loss_and_metric_match_cross_entropy_over_all_logits(objective, l
 def test_loss_chunk_tokens_must_be_positive():
     with pytest.raises(ConfigurationError, match="loss_chunk_tokens="):
         LanguageModelModule(tiny_lm("full", causal=True), CausalLM(), metric="bpc", optim={}, loss_chunk_tokens=0)
+
+
+OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 1, "min_lr_ratio": 0.1}
+
+
+@pytest.mark.parametrize("max_steps, total_steps, named", [(0, None, "trainer.max_steps=0"),
+                                                           (-1, None, "trainer.max_steps=-1"),
+                                                           (5, 0, "optim.total_steps=0")])
+def test_schedule_length_must_be_positive(max_steps, total_steps, named):
+    """The LR schedule ends at optim.total_steps, or else trainer.max_steps: the message names the one used."""
+    import lightning as L
+
+    from data import SyntheticDataModule
+
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigurationError, match=f"{named} must be a positive number of steps"):
+        module = LanguageModelModule(tiny_lm("full", causal=True), CausalLM(), metric="ppl",
+                                     optim={**OPTIM, "total_steps": total_steps})
+        trainer.fit(module, SyntheticDataModule(seq_len=8, batch_size=2))
+
+
+def test_checkpoint_folder_use_removes_temporary_files_of_dead_writers(tmp_path):
+    """A run SIGKILLed while saving leaves last.ckpt.<pid>...tmp; saving into or loading from its
+    folder (a resume) removes it, but never the temporary file of a live process."""
+    checkpoint = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    for use in ("save", "load"):
+        stale = tmp_path / f"last.ckpt.{dead_pid()}@{socket.gethostname()}.0badcafe.tmp"
+        live = tmp_path / f"best.ckpt.{os.getpid()}.0badcafe.tmp"
+        stale.write_bytes(b"partial")
+        live.write_bytes(b"partial")
+        if use == "save":
+            io.save_checkpoint({"step": 1}, checkpoint)
+        else:
+            assert io.load_checkpoint(checkpoint, weights_only=True) == {"step": 1}
+        assert not stale.exists() and live.exists(), use
