@@ -1,6 +1,9 @@
-"""train.py end to end on the real configs: composition, tiny runs, resume, sweeps, bad input."""
+"""train.py end to end on the real configs: composition, tiny runs, result.json, resume, sweeps, bad input."""
 
+import json
 import math
+import signal
+import statistics
 from pathlib import Path
 
 import hydra
@@ -8,9 +11,10 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import models
 from conftest import ROOT, SHARED_DATA, TINY, compose_config, logged, read_metrics, run_train_cli
 from fma import ConfigurationError
-from train import train
+from train import SKIP_THROUGHPUT_STEPS, train
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml") if not p.stem.startswith("_"))
                  for group in ("model", "data", "objective", "trainer", "logger", "experiment")}
@@ -99,6 +103,60 @@ def test_tiny_run_writes_metrics_and_checkpoints(tmp_path, tiny_run, objective):
             "CausalLM" if objective == "clm" else "MaskedLM")
 
 
+def test_result_json_of_a_finished_run(tiny_run):
+    """Status, the final metrics (those train returns, the last of each in csv/metrics.csv), parameters
+    counted by hand, tokens/s and memory by the rule over the logged steps, steps, the resolved config."""
+    cfg, results, run_dir = tiny_run
+    result = json.loads((run_dir / "result.json").read_text())
+    assert (result["status"], result["reason"], result["steps"]) == ("ok", "", 6)
+    rows = read_metrics(run_dir)
+    last = {key: float(row[key]) for row in rows for key in row if key.startswith(("val/", "test/")) and row[key]}
+    assert result["metrics"] == last == results and set(last) == {f"{s}/{m}" for s in ("val", "test")
+                                                                  for m in ("loss", "ppl", "acc")}
+    # d = 32, one block, vocabulary 16 + the mask token: embedding 17 d (tied head); attention q, k, v, out
+    # without bias 4 d^2; two LayerNorms 2 * 2d; MLP d x 4d + 4d and 4d x d + d; the final LayerNorm 2d
+    embedding, attention = 17 * 32, 4 * 32 * 32
+    non_embedding = attention + 4 * 32 + (32 * 128 + 128) + (128 * 32 + 32) + 2 * 32
+    assert result["parameters"] == {"total": embedding + non_embedding, "attention": attention,
+                                    "non_embedding": non_embedding}
+    throughput = [float(row["train/tokens_per_s"]) for row in rows if row["train/tokens_per_s"]]
+    assert len(throughput) == 5   # steps 1..5: the first step has no previous one to time from
+    assert result["tokens_per_s"] == statistics.median(throughput[min(SKIP_THROUGHPUT_STEPS, 5 // 2):])
+    assert result["peak_mem_gib"] == max(float(row["train/peak_mem_gib"]) for row in rows if row["train/peak_mem_gib"])
+    assert result["config"] == OmegaConf.to_container(cfg, resolve=True)
+    assert 0 < result["wall_s"] and result["started"] <= result["finished"]
+
+
+@pytest.mark.parametrize("error, status, reason", [
+    (RuntimeError("boom\nmore detail"), "failed", "RuntimeError: boom"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "oom",
+     "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+    (KeyboardInterrupt(), "interrupted", "KeyboardInterrupt"),
+])
+def test_result_json_of_a_run_that_fails(tmp_path, monkeypatch, error, status, reason):
+    """An error after step 4 (validated at step 3): result.json says how and how far, with what was
+    logged until then, and the error goes on (Lightning turns Ctrl-C during fit into SystemExit)."""
+    def fail_after_step_4(self, outputs, batch, batch_idx):
+        if self.trainer.global_step == 4:
+            raise error
+
+    monkeypatch.setattr(models.LanguageModelModule, "on_train_batch_end", fail_after_step_4, raising=False)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit if isinstance(error, KeyboardInterrupt) else type(error)):
+            train(compose_config(tmp_path, []))
+    finally:
+        signal.signal(signal.SIGINT, sigint)   # Lightning ignores further Ctrl-C after the first
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert (result["status"], result["reason"], result["steps"]) == (status, reason, 4)
+    rows = read_metrics(tmp_path / "run")
+    assert result["metrics"] == {key: float(row[key]) for row in rows for key in row if key.startswith("val/") and row[key]}
+    throughput = [float(row["train/tokens_per_s"]) for row in rows if row["train/tokens_per_s"]]
+    # timed from the second batch; the fourth raised before its values were logged; the rule skips min(3, 2 // 2)
+    assert len(throughput) == 2 and result["tokens_per_s"] == throughput[1]
+    assert result["parameters"]["total"] > 0
+
+
 def test_chunked_loss_trains_like_the_whole_one(tmp_path, tiny_run):
     """loss_chunk_tokens=10 (not a divisor of the 128 tokens per step) through train.py: the same
     training losses and metrics as the tiny run, to float32 rounding."""
@@ -178,10 +236,15 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, tiny_run):
 
 
 def test_unknown_attention_kind_exits_with_a_message(tmp_path):
-    result = run_train_cli([*TINY, "model.attention.name=nope", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    """Exit 2 with one paragraph, and result.json with that paragraph as its reason."""
+    result = run_train_cli([*TINY, "model.attention.name=nope", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Unknown attention kind 'nope'" in result.stderr and "model=<kind>" in result.stderr
     assert "Traceback" not in result.stderr
+    recorded = json.loads((tmp_path / "run" / "result.json").read_text())
+    paragraph = " ".join(result.stderr.split("error: ", 1)[1].split())
+    assert (recorded["status"], recorded["reason"]) == ("config_error", paragraph)
+    assert (recorded["metrics"], recorded["parameters"], recorded["steps"]) == ({}, None, 0)
 
 
 def test_missing_data_file_exits_with_a_message(tmp_path):
@@ -205,6 +268,7 @@ def test_multirun_sweep_runs_every_point(tmp_path):
     for point in ("0", "1"):
         val = logged(read_metrics(tmp_path / "sweep" / point), "val/ppl")
         assert len(val) == 2
+        assert json.loads((tmp_path / "sweep" / point / "result.json").read_text())["status"] == "ok"
     configs = [(tmp_path / "sweep" / p / ".hydra" / "overrides.yaml").read_text() for p in ("0", "1")]
     assert "data.seq_len=16" in configs[0] and "data.seq_len=32" in configs[1]
 
