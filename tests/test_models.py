@@ -1,4 +1,4 @@
-"""The language model, objectives, metric and schedule, against hand-computed values."""
+"""The language model, objectives, metric, schedule and checkpoint files, against hand-computed values."""
 
 import math
 import os
