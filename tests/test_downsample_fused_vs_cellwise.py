@@ -89,7 +89,7 @@ def randomise(module, generator):
 
 def check_cpu_case(case) -> dict[str, float]:
     """Fused (interpreter) vs torch path on one case: {tensor name: relative error}."""
-    from fma.downsample import fused as triton_downsample
+    from fma.downsample import fused
 
     kind, n, m, p, padded, chunk, trainable, options = case
     generator = torch.Generator().manual_seed(zlib.crc32(case_id(case).encode()))
@@ -98,10 +98,10 @@ def check_cpu_case(case) -> dict[str, float]:
     module.requires_grad_(trainable)
     x = qkv_view(generator, BATCH, options.get("heads", HEADS), n, HEAD_DIM)
     mask = padding_mask(generator, BATCH, n) if padded else None
-    triton_downsample.FORWARD_CHUNK = chunk
-    defaults = {name: getattr(triton_downsample, name) for name in options.get("tiles", {})}
+    fused.FORWARD_CHUNK = chunk
+    defaults = {name: getattr(fused, name) for name in options.get("tiles", {})}
     for name, value in options.get("tiles", {}).items():
-        setattr(triton_downsample, name, value)
+        setattr(fused, name, value)
     probe, _ = module(x, mask, backend="torch")
     grads = [torch.randn(s.shape, generator=generator) for s in probe]
     expected, _, counts_ref = outputs_and_gradients(module, x, mask, grads, backend="torch")
@@ -113,7 +113,7 @@ def check_cpu_case(case) -> dict[str, float]:
     if counts is not None:
         errors["counts"] = max(relative_error(a, b) for a, b in zip(counts, counts_ref))
     for name, value in defaults.items():
-        setattr(triton_downsample, name, value)
+        setattr(fused, name, value)
     return errors
 
 
