@@ -379,15 +379,11 @@ def summarise(plan: list[Point], records: dict[str, dict], metric: str) -> list[
             return statistics.fmean(found) if found else None
 
         rows.append({
-            "label": label, "kind": points[0].series.kind, "seq_len": seq_len,
-            "seeds_ok": len(ok), "seeds": len(points), "pending": len(points) - len(done),
-            "metric": statistics.fmean(values) if values else None,
-            "metric_std": statistics.stdev(values) if len(values) > 1 else None,
-            "val_metric": mean_of(f"val/{metric}"), "params": mean_of("params"),
+            "label": label, "seq_len": seq_len, "seeds_ok": len(ok), "seeds": len(points),
+            "pending": len(points) - len(done), "metric": statistics.fmean(values) if values else None,
+            "metric_std": statistics.stdev(values) if len(values) > 1 else None, "params": mean_of("params"),
             "peak_mem_gib": mean_of("peak_mem_gib"), "tokens_per_s": mean_of("tokens_per_s"),
-            "batch": f"{points[0].batch_size} x {points[0].accumulate}",
             "failures": [r for r in done if r["status"] != "ok"],
-            "configs": [r["config"] for r in done],
         })
     return rows
 
