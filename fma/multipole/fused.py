@@ -211,6 +211,13 @@ class _MultipoleAttentionFunction(torch.autograd.Function):
 
 
 @triton.jit
+def _rows(positions, stride):
+    """Offsets [len, 1] of sequence positions along a stride, in int64: at millions of tokens a
+    position times the stride of a qkv view (3 * heads * head_dim) passes 2^31."""
+    return positions.to(tl.int64)[:, None] * stride
+
+
+@triton.jit
 def _fine_tile(q, K, V, FINE_BIAS_ROW, offs_m, start, sk_n, sv_n, N, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_FINE_BIAS: tl.constexpr, PRECISION: tl.constexpr):
@@ -218,8 +225,8 @@ def _fine_tile(q, K, V, FINE_BIAS_ROW, offs_m, start, sk_n, sv_n, N, qk_scale,
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     exists = (offs_n >= 0) & (offs_n < N)
-    k = tl.load(K + offs_n[:, None] * sk_n + offs_d[None, :], mask=exists[:, None], other=0.0)
-    v = tl.load(V + offs_n[:, None] * sv_n + offs_d[None, :], mask=exists[:, None], other=0.0)
+    k = tl.load(K + _rows(offs_n, sk_n) + offs_d[None, :], mask=exists[:, None], other=0.0)
+    v = tl.load(V + _rows(offs_n, sv_n) + offs_d[None, :], mask=exists[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_FINE_BIAS:
         s += tl.load(FINE_BIAS_ROW + offs_n, mask=exists, other=0.0)[None, :]
@@ -268,7 +275,7 @@ def _query_block(Q, sq_b, sq_h, sq_n, H, BLOCK_M: tl.constexpr, HEAD_DIM: tl.con
     h = (bh % H).to(tl.int64)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :])
+    q = tl.load(Q + b * sq_b + h * sq_h + _rows(offs_m, sq_n) + offs_d[None, :])
     return block, bh, b, h, offs_m, offs_d, q
 
 
@@ -307,7 +314,7 @@ def _forward_kernel(
 
     seen = l_i > 0  # a row that sees no key: output 0, lse +inf (so exp2(s - lse) = 0 backward)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :], out.to(O.dtype.element_ty))
+    tl.store(O + b * so_b + h * so_h + _rows(offs_m, so_n) + offs_d[None, :], out.to(O.dtype.element_ty))
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse)
 
@@ -326,8 +333,8 @@ def _backward_query_kernel(
     """dQ for one query block, its contributions to dK~, dV~ of the summaries it sees, and its rows'
     delta = rowsum(dO * O), stored for `_backward_key_kernel` (launched after this one)."""
     block, bh, b, h, offs_m, offs_d, q = _query_block(Q, sq_b, sq_h, sq_n, H, BLOCK_M, HEAD_DIM)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_n + offs_d[None, :])
-    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :])
+    do = tl.load(DO + b * sdo_b + h * sdo_h + _rows(offs_m, sdo_n) + offs_d[None, :])
+    o = tl.load(O + b * so_b + h * so_h + _rows(offs_m, so_n) + offs_d[None, :])
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m)
@@ -365,7 +372,7 @@ def _backward_query_kernel(
         tl.atomic_add(DCV + grad_offsets, dcv, mask=valid[:, None], sem="relaxed")
 
     dq = dq * sm_scale
-    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_n + offs_d[None, :], dq.to(DQ.dtype.element_ty))
+    tl.store(DQ + b * sdq_b + h * sdq_h + _rows(offs_m, sdq_n) + offs_d[None, :], dq.to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -386,8 +393,8 @@ def _backward_key_kernel(
     key_block = key_start // BLOCK_M
     offs_n = key_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :])
-    v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :])
+    k = tl.load(K + b * sk_b + h * sk_h + _rows(offs_n, sk_n) + offs_d[None, :])
+    v = tl.load(V + b * sv_b + h * sv_h + _rows(offs_n, sv_n) + offs_d[None, :])
     if HAS_FINE_BIAS:
         key_bias = tl.load(FINE_BIAS + b * sfb_b + offs_n)
     else:
@@ -404,8 +411,8 @@ def _backward_key_kernel(
     for i in range(((2 if CAUSAL else 3) * BLOCK_M) // BLOCK_N):
         offs_q = first_query + i * BLOCK_N + tl.arange(0, BLOCK_N)
         exists = (offs_q >= 0) & (offs_q < N)
-        q = tl.load(Q + offs_q[:, None] * sq_n + offs_d[None, :], mask=exists[:, None], other=0.0)
-        do = tl.load(DO + offs_q[:, None] * sdo_n + offs_d[None, :], mask=exists[:, None], other=0.0)
+        q = tl.load(Q + _rows(offs_q, sq_n) + offs_d[None, :], mask=exists[:, None], other=0.0)
+        do = tl.load(DO + _rows(offs_q, sdo_n) + offs_d[None, :], mask=exists[:, None], other=0.0)
         lse = tl.load(LSE + offs_q, mask=exists, other=float("inf"))
         delta = tl.load(DELTA + offs_q, mask=exists, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + key_bias[:, None]  # [keys, queries]
@@ -418,5 +425,5 @@ def _backward_key_kernel(
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
     dk = dk * sm_scale
-    tl.store(DK + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :], dk.to(DK.dtype.element_ty))
-    tl.store(DV + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty))
+    tl.store(DK + b * sdk_b + h * sdk_h + _rows(offs_n, sdk_n) + offs_d[None, :], dk.to(DK.dtype.element_ty))
+    tl.store(DV + b * sdv_b + h * sdv_h + _rows(offs_n, sdv_n) + offs_d[None, :], dv.to(DV.dtype.element_ty))
