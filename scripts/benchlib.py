@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from series import Series, UsageError, parse_series_list
+from series import Series, UsageError, parse_series, parse_series_list
 
 # The rows every benchmark compares by default, as series (series.py): train.py's overrides, labelled.
 SERIES = ["full (flash): model=full model.attention.backend=flash",
@@ -29,8 +29,9 @@ def benchmark_parser(doc: str, *, lengths: list[int], tokens: int, tokens_help: 
     """The arguments every benchmark takes; a script adds its own before parse_args()."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--series", nargs="+", default=SERIES, metavar="SERIES",
-                        help="attention settings as train.py overrides, optionally after a label and a colon "
-                             "(scripts/series.py); default: the seven rows of benchlib.SERIES")
+                        help="the rows: attention settings as train.py overrides, optionally after a label and "
+                             "a colon (scripts/series.py), e.g. 'fma m=32: model=fma model.attention.block_size=32'; "
+                             "default: " + ", ".join(parse_series(one).label for one in SERIES))
     parser.add_argument("--lengths", nargs="+", type=int, default=lengths)
     parser.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
     parser.add_argument("--dim", type=int, default=512)

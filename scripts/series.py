@@ -2,9 +2,10 @@
 
 A *series* is one string: the overrides, `model=<kind>` among them, after an optional label and a colon.
 
-    model=full                                                              label "full"
-    model=fma model.attention.block_size=32                                 label "fma block_size=32"
-    fma m=32 p=2: model=fma model.attention.block_size=32 model.attention.rank=2   label "fma m=32 p=2"
+    model=full                                                      -> label "full"
+    model=fma model.attention.block_size=32                         -> label "fma block_size=32"
+    fma m=32 p=2: model=fma model.attention.block_size=32 model.attention.rank=2
+                                                                    -> label "fma m=32 p=2"
 
 The label ends at the first colon, so a label holds none (and an override whose value holds one needs
 a label before it). Without a label, a series is named by its kind and its other overrides, `model.`
