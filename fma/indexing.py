@@ -65,7 +65,8 @@ def at_positions(x: torch.Tensor, positions: torch.Tensor, dim: int = -2) -> tor
 
 @functools.lru_cache(maxsize=32)
 def block_local_layout(n: int, block_size: int, rank: int, causal: bool, device: torch.device):
-    """Which keys each fine block's queries see in Fast Multipole Attention, computed once per shape.
+    """Which keys each fine block's queries see in Fast Multipole Attention, computed once per shape,
+    on `device` (no host-to-device copy, also where a compiled graph recomputes it).
 
     Returns key_index [n/m, S] long, indices into cat([k, level-1 summaries, ..., level-L]), and
     allowed [n/m, m, S] bool (query within block x slot). S = 2m + 2pL causal, 3m + 3pL bidirectional.
@@ -73,9 +74,9 @@ def block_local_layout(n: int, block_size: int, rank: int, causal: bool, device:
     Every coarse cell is at least m wide, so all m queries of a block see the same cells.
     """
     m, p = block_size, rank
-    first_query = torch.arange(n // m) * m
+    first_query = torch.arange(n // m, device=device) * m
     # Fine: the previous block and the own block (causal), or blocks b-1, b, b+1 (bidirectional).
-    _, fine = block_neighbourhoods(n, m, causal)
+    _, fine = block_neighbourhoods(n, m, causal, device)
     slots, exists = [fine], [(fine >= 0) & (fine < n)]
 
     # Coarse: at each level the cells of the interaction list, p summaries per cell.
@@ -83,7 +84,7 @@ def block_local_layout(n: int, block_size: int, rank: int, causal: bool, device:
     for width in level_widths(n, m):
         num_cells = n // width
         for cell in coarse_cells(first_query, width, causal):
-            slots.append(offset + cell[:, None] * p + torch.arange(p))
+            slots.append(offset + cell[:, None] * p + torch.arange(p, device=device))
             exists.append(((cell >= 0) & (cell < num_cells))[:, None].expand(-1, p))
         offset += num_cells * p
 
@@ -91,8 +92,8 @@ def block_local_layout(n: int, block_size: int, rank: int, causal: bool, device:
     key_index = torch.cat(slots, dim=1).masked_fill(~exists, 0)
     allowed = exists[:, None, :].repeat(1, m, 1)
     if causal:  # within the own block (slots m..2m-1) a query sees tokens up to itself
-        allowed[:, :, m : 2 * m] &= torch.ones(m, m, dtype=torch.bool).tril()
-    return key_index.to(device), allowed.to(device)
+        allowed[:, :, m : 2 * m] &= torch.ones(m, m, dtype=torch.bool, device=device).tril()
+    return key_index, allowed
 
 
 def key_logit_bias(batch, n, m, rank, scale_coarse, key_padding_mask, coarse_counts, dtype, device):

@@ -74,6 +74,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -493,42 +494,96 @@ def _grad_weight(x, g, layout: Layout):
     return dw
 
 
-class _FusedDownsample(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w_cat, b_cat, scale, layout, avg):
-        w_op = None if w_cat is None else _operand(w_cat, x.dtype)
-        out = _forward(x, w_op, b_cat, scale, layout, avg)
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, None if w_op is None else w_op[0], scale)
-        ctx.w_meta = None if w_op is None else (w_op[1], w_op[2], w_cat.dtype)
-        ctx.layout, ctx.avg, ctx.x_meta = layout, avg, (x.shape, x.dtype)
-        return out
+# The kernels as registered operators (torch.library): torch.compile traces through them without a
+# graph break (the fake implementations give the shapes), CUDA graphs can capture them, and autograd
+# is registered on the forward operator. Half-precision operands are split (`_operand`) inside them.
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, w, scale = ctx.saved_tensors
-        layout, avg = ctx.layout, ctx.avg
-        (B, H, n, d), dtype = ctx.x_meta
-        g = grad.reshape(B * H, layout.total, d).to(dtype).contiguous()
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            if avg:  # the summary scales are part of the (fixed) weights: fold them into dS
-                if scale is not None:
-                    g_in = g.view(B, H, layout.total, d).float() * scale[:, None, :, None]
-                else:
-                    g_in = g.float() * _summary_tables(layout, g.device)[1][:, None]
-                g_op = _operand(g_in, dtype)
-                w_op = None
-            else:
-                g_op = (g, 0, False)
-                w_op = (w, ctx.w_meta[0], ctx.w_meta[1])
-            dx = _grad_input(g_op, w_op, layout, avg, (B, H, n, d), dtype)
-        if ctx.needs_input_grad[1]:
-            dw = _grad_weight(x, g, layout).to(ctx.w_meta[2])
-        if ctx.needs_input_grad[2]:
-            rows = _summary_tables(layout, g.device)[0]
-            db = torch.zeros(layout.num_levels * layout.p, d, dtype=torch.float32, device=g.device)
-            db = db.index_add_(0, rows, g.sum(0, dtype=torch.float32)).reshape(-1).to(ctx.w_meta[2])
-        return dx, dw, db, None, None, None
+
+@torch.library.custom_op("fma::summaries_forward", mutates_args=())
+def summaries_forward(x: torch.Tensor, w_cat: Optional[torch.Tensor], b_cat: Optional[torch.Tensor],
+                      scale: Optional[torch.Tensor], block_size: int, rank: int, avg: bool) -> torch.Tensor:
+    """Every level's summaries of x [B, H, n, d] in one buffer [B, H, T, d] (x's dtype)."""
+    w_op = None if w_cat is None else _operand(w_cat, x.dtype)
+    return _forward(x, w_op, b_cat, scale, Layout.of(x.shape[2], block_size, rank), avg)
+
+
+# The fake implementations use shape arithmetic only (no Layout): under torch.compile the shapes may
+# be symbolic. T = sum_l (n / w_l) p = p (2n / m - 4); sum_l w_l = n / 2 - m.
+
+
+@summaries_forward.register_fake
+def _(x, w_cat, b_cat, scale, block_size, rank, avg):
+    batch, heads, n, d = x.shape
+    return x.new_empty(batch, heads, rank * (2 * n // block_size - 4), d)
+
+
+@torch.library.custom_op("fma::summaries_grad_input", mutates_args=())
+def summaries_grad_input(g: torch.Tensor, w_cat: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                         x_shape: list[int], block_size: int, rank: int, avg: bool) -> torch.Tensor:
+    """dx [B, H, n, d] in g's dtype from dS g [B*H, T, d] and W (avgpool: the summary scales instead)."""
+    B, H, n, d = x_shape
+    layout = Layout.of(n, block_size, rank)
+    if avg:  # the summary scales are part of the (fixed) weights: fold them into dS
+        if scale is not None:
+            g_in = (g.view(B, H, layout.total, d).float() * scale[:, None, :, None]).view(B * H, layout.total, d)
+        else:
+            g_in = g.float() * _summary_tables(layout, g.device)[1][:, None]
+        g_op, w_op = _operand(g_in, g.dtype), None
+    else:
+        g_op, w_op = (g, 0, False), _operand(w_cat, g.dtype)
+    return _grad_input(g_op, w_op, layout, avg, (B, H, n, d), g.dtype)
+
+
+@summaries_grad_input.register_fake
+def _(g, w_cat, scale, x_shape, block_size, rank, avg):
+    return g.new_empty(x_shape)
+
+
+@torch.library.custom_op("fma::summaries_grad_weight", mutates_args=())
+def summaries_grad_weight(x: torch.Tensor, g: torch.Tensor, block_size: int, rank: int) -> torch.Tensor:
+    """dW_cat (fp32, flat) from x [B, H, n, d] and dS g [B*H, T, d] (x's dtype)."""
+    return _grad_weight(x, g, Layout.of(x.shape[2], block_size, rank))
+
+
+@summaries_grad_weight.register_fake
+def _(x, g, block_size, rank):
+    return x.new_empty(rank * x.shape[3] * (x.shape[2] // 2 - block_size), dtype=torch.float32)
+
+
+@torch.library.custom_op("fma::summaries_grad_bias", mutates_args=())
+def summaries_grad_bias(g: torch.Tensor, rows: int, n: int, block_size: int, rank: int) -> torch.Tensor:
+    """db_cat (fp32, flat [rows * d], rows = L p) from dS g [B*H, T, d]: each summary's gradient
+    summed into its row (level, r)."""
+    db = torch.zeros(rows, g.shape[2], dtype=torch.float32, device=g.device)
+    layout = Layout.of(n, block_size, rank)
+    return db.index_add_(0, _summary_tables(layout, g.device)[0], g.sum(0, dtype=torch.float32)).reshape(-1)
+
+
+@summaries_grad_bias.register_fake
+def _(g, rows, n, block_size, rank):
+    return g.new_empty(rows * g.shape[2], dtype=torch.float32)
+
+
+def _save_for_backward(ctx, inputs, output):
+    x, w_cat, b_cat, scale, block_size, rank, avg = inputs
+    ctx.save_for_backward(x, w_cat, scale)
+    ctx.block_size, ctx.rank, ctx.avg = block_size, rank, avg
+    ctx.bias_rows = None if b_cat is None else b_cat.shape[0] // x.shape[3]
+
+
+def _backward(ctx, grad):
+    """Per-shape tables stay inside the operators: a cached tensor would leak into compiled graphs."""
+    x, w_cat, scale = ctx.saved_tensors
+    B, H, n, d = x.shape
+    g = grad.reshape(B * H, -1, d).to(x.dtype).contiguous()
+    m, p = ctx.block_size, ctx.rank
+    dx = summaries_grad_input(g, w_cat, scale, list(x.shape), m, p, ctx.avg) if ctx.needs_input_grad[0] else None
+    dw = summaries_grad_weight(x, g, m, p).to(w_cat.dtype) if ctx.needs_input_grad[1] else None
+    db = summaries_grad_bias(g, ctx.bias_rows, n, m, p).to(w_cat.dtype) if ctx.needs_input_grad[2] else None
+    return dx, dw, db, None, None, None, None
+
+
+summaries_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def fused_summaries(
@@ -546,26 +601,27 @@ def fused_summaries(
     levels, for longer sequences, are ignored). kind "avgpool": no parameters; counts (per level
     [B, (n / w_l) * p], real tokens per summary, as Downsample computes them) or None (no padding).
     Differentiable in x, weights and biases. Level l occupies rows offsets[l-1]:offsets[l] of dim 2,
-    see `Layout.of(n, block_size, rank).offsets`.
+    see `Layout.of(n, block_size, rank).offsets`. (Plain arithmetic here, no Layout: torch.compile
+    traces this wrapper, and cannot trace a cached classmethod.)
     """
     if kind not in ("groupedconv", "avgpool"):
         raise ValueError(f"no fused kernel for downsampling {kind!r}")
-    layout = Layout.of(x.shape[2], block_size, rank)
+    num_levels = len(level_widths(x.shape[2], block_size))
     avg = kind == "avgpool"
     w_cat = b_cat = scale = None
     if avg:
         if counts is not None:
             scale = torch.cat(counts, dim=1).to(torch.float32).clamp_min(1).reciprocal().contiguous()
     else:
-        w_cat = torch.cat([w.reshape(-1) for w in weights[: layout.num_levels]])
-        b_cat = torch.cat([b.reshape(-1) for b in biases[: layout.num_levels]])
-    return _FusedDownsample.apply(x, w_cat, b_cat, scale, layout, avg)
+        w_cat = torch.cat([w.reshape(-1) for w in weights[:num_levels]])
+        b_cat = torch.cat([b.reshape(-1) for b in biases[:num_levels]])
+    return summaries_forward(x, w_cat, b_cat, scale, block_size, rank, avg)
 
 
 def split_levels(buffer: torch.Tensor, block_size: int, rank: int) -> list[torch.Tensor]:
     """Per-level views [B, H, (n / w_l) * p, d] of a buffer from `fused_summaries` (n from its size)."""
     total = buffer.shape[2]
-    layout = Layout.of((total // rank + 4) * block_size // 2, block_size, rank)  # T = p * (2n / m - 4)
-    assert layout.total == total, f"{total} summaries fit no valid length for block_size {block_size}, rank {rank}"
-    sizes = [layout.offsets[i + 1] - layout.offsets[i] for i in range(layout.num_levels)]
+    n = (total // rank + 4) * block_size // 2  # T = p * (2n / m - 4)
+    sizes = [n // width * rank for width in level_widths(n, block_size)]
+    assert sum(sizes) == total, f"{total} summaries fit no valid length for block_size {block_size}, rank {rank}"
     return list(buffer.split(sizes, dim=2))

@@ -39,6 +39,7 @@ FMA_TRITON_POISON=1 to allocate outputs filled with NaN (a test that every eleme
 """
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -90,21 +91,22 @@ def triton_block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, ran
         coarse_bias = score_bias[:, n:].contiguous()
     coarse_index = _coarse_index(n, m, rank, causal, q.device)
     k, v = k.to(q.dtype), v.to(q.dtype)
-    coarse = [c.to(q.dtype) for c in (*coarse_k, *coarse_v)]
-    settings = (m, causal, fine_bias, coarse_bias, coarse_index)
-    return _MultipoleAttentionFunction.apply(settings, q, k, v, *coarse)
+    coarse_k = torch.cat([c.to(q.dtype) for c in coarse_k], dim=2)
+    coarse_v = torch.cat([c.to(q.dtype) for c in coarse_v], dim=2)
+    out, _ = multipole_forward(q, k, v, coarse_k, coarse_v, fine_bias, coarse_bias, coarse_index, m, causal)
+    return out
 
 
 @functools.lru_cache(maxsize=32)
 def _coarse_index(n: int, m: int, rank: int, causal: bool, device: torch.device) -> torch.Tensor:
     """[n/m, C] int32: per fine block, rows into cat(level 1, ..., level L summaries) it attends to,
     -1 for none; C = the layout's coarse slots (2pL or 3pL) padded to a power of two >= 16."""
-    key_index, allowed = block_local_layout(n, m, rank, causal, torch.device("cpu"))
+    key_index, allowed = block_local_layout(n, m, rank, causal, device)
     fine_slots = (2 if causal else 3) * m
     coarse = (key_index[:, fine_slots:] - n).masked_fill(~allowed[:, 0, fine_slots:], -1)
     width = max(16, triton.next_power_of_2(coarse.shape[1]))
     coarse = torch.nn.functional.pad(coarse, (0, width - coarse.shape[1]), value=-1)
-    return coarse.to(torch.int32).contiguous().to(device)
+    return coarse.to(torch.int32).contiguous()
 
 
 @functools.lru_cache(maxsize=32)
@@ -139,69 +141,102 @@ def _tiles(m: int, num_coarse: int):
     return min(m, 64), block_c, num_coarse // block_c
 
 
-class _MultipoleAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, settings, q, k, v, *coarse):
-        m, causal, fine_bias, coarse_bias, coarse_index = settings
-        num_levels = len(coarse) // 2
-        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-        coarse_k = torch.cat(coarse[:num_levels], dim=2).contiguous()
-        coarse_v = torch.cat(coarse[num_levels:], dim=2).contiguous()
-        batch, heads, n, head_dim = q.shape
-        out = kernel_output((batch, heads, n, head_dim), q.dtype, q.device)
-        lse = kernel_output((batch, heads, n), torch.float32, q.device)
-        block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
-        has_fine_bias = fine_bias is not None
-        _forward_kernel[(n // m, batch * heads)](
-            q, k, v, coarse_k, coarse_v, out, lse,
-            fine_bias if has_fine_bias else coarse_bias, coarse_bias, coarse_index,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(out),
-            _batch_stride(fine_bias), _batch_stride(coarse_bias),
-            heads, n, head_dim**-0.5 * LOG2E,
-            BLOCK_M=m, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles,
-            CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias, PRECISION=_dot_precision(q.dtype),
-            **launch_config(m, head_dim),
-        )
-        ctx.save_for_backward(q, k, v, coarse_k, coarse_v, out, lse, fine_bias, coarse_bias, coarse_index)
-        ctx.m, ctx.causal = m, causal
-        ctx.level_sizes = [c.shape[2] for c in coarse[:num_levels]]
-        return out
+# The kernels as registered operators (torch.library): torch.compile traces a model through them
+# without a graph break (their fake implementations give the output shapes), CUDA graphs can capture
+# them, and autograd is registered on the forward operator.
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, coarse_k, coarse_v, out, lse, fine_bias, coarse_bias, coarse_index = ctx.saved_tensors
-        m, causal = ctx.m, ctx.causal
-        batch, heads, n, head_dim = q.shape
-        grad_out = _last_dim_contiguous(grad_out.to(q.dtype))
-        delta = kernel_output((batch, heads, n), torch.float32, q.device)  # rowsum(dO * O), by the query kernel
-        dq = kernel_output(q.shape, q.dtype, q.device)
-        dk = kernel_output(k.shape, k.dtype, k.device)
-        dv = kernel_output(v.shape, v.dtype, v.device)
-        dcoarse = torch.zeros((2, *coarse_k.shape), dtype=torch.float32, device=q.device)  # atomics add here
-        dck, dcv = dcoarse.unbind(0)
-        block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
-        has_fine_bias = fine_bias is not None
-        fine_bias_arg = fine_bias if has_fine_bias else coarse_bias  # never read without HAS_FINE_BIAS
-        fine_bias_stride = _batch_stride(fine_bias)
-        common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias,
-                      PRECISION=_dot_precision(q.dtype), **launch_config(m, head_dim))
-        _backward_query_kernel[(n // m, batch * heads)](
-            q, k, v, coarse_k, coarse_v, out, grad_out, lse, delta, dq, dck, dcv,
-            fine_bias_arg, coarse_bias, coarse_index,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(out), *_strides(grad_out),
-            *_strides(dq),
-            fine_bias_stride, _batch_stride(coarse_bias),
-            heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
-            BLOCK_M=m, BLOCK_N=block_n, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles, **common,
-        )
-        _backward_key_kernel[(n // block_n, batch * heads)](
-            q, k, v, grad_out, lse, delta, dk, dv, fine_bias_arg,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            fine_bias_stride, heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
-            BLOCK_M=m, BLOCK_N=block_n, **common,
-        )
-        dck, dcv = dcoarse.to(q.dtype).unbind(0)  # one cast, then views per level
-        return None, dq, dk, dv, *dck.split(ctx.level_sizes, dim=2), *dcv.split(ctx.level_sizes, dim=2)
+
+@torch.library.custom_op("fma::multipole_forward", mutates_args=())
+def multipole_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarse_k: torch.Tensor,
+                      coarse_v: torch.Tensor, fine_bias: Optional[torch.Tensor], coarse_bias: torch.Tensor,
+                      coarse_index: torch.Tensor, block_size: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [B, H, n, d] (q's dtype) and the rows' base-2 log-sum-exp [B, H, n] (fp32). coarse_k, coarse_v:
+    every level's summaries in one buffer [B, H, T, d]; fine_bias [B, n] or None, coarse_bias [B or 1, T]
+    (base 2); coarse_index [n/m, C] int32 (see `_coarse_index`)."""
+    m = block_size
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    coarse_k, coarse_v = coarse_k.contiguous(), coarse_v.contiguous()
+    batch, heads, n, head_dim = q.shape
+    out = kernel_output((batch, heads, n, head_dim), q.dtype, q.device)
+    lse = kernel_output((batch, heads, n), torch.float32, q.device)
+    block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
+    has_fine_bias = fine_bias is not None
+    _forward_kernel[(n // m, batch * heads)](
+        q, k, v, coarse_k, coarse_v, out, lse,
+        fine_bias if has_fine_bias else coarse_bias, coarse_bias, coarse_index,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(out),
+        _batch_stride(fine_bias), _batch_stride(coarse_bias),
+        heads, n, head_dim**-0.5 * LOG2E,
+        BLOCK_M=m, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles,
+        CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias, PRECISION=_dot_precision(q.dtype),
+        **launch_config(m, head_dim),
+    )
+    return out, lse
+
+
+@multipole_forward.register_fake
+def _(q, k, v, coarse_k, coarse_v, fine_bias, coarse_bias, coarse_index, block_size, causal):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fma::multipole_backward", mutates_args=())
+def multipole_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       coarse_k: torch.Tensor, coarse_v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       fine_bias: Optional[torch.Tensor], coarse_bias: torch.Tensor, coarse_index: torch.Tensor,
+                       block_size: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv [B, H, n, d] and the summaries' gradients [2 (keys, values), B, H, T, d], q's dtype."""
+    m = block_size
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    coarse_k, coarse_v = coarse_k.contiguous(), coarse_v.contiguous()
+    batch, heads, n, head_dim = q.shape
+    grad_out = _last_dim_contiguous(grad_out.to(q.dtype))
+    delta = kernel_output((batch, heads, n), torch.float32, q.device)  # rowsum(dO * O), by the query kernel
+    dq = kernel_output(q.shape, q.dtype, q.device)
+    dk = kernel_output(k.shape, k.dtype, k.device)
+    dv = kernel_output(v.shape, v.dtype, v.device)
+    dcoarse = torch.zeros((2, *coarse_k.shape), dtype=torch.float32, device=q.device)  # atomics add here
+    dck, dcv = dcoarse.unbind(0)
+    block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
+    has_fine_bias = fine_bias is not None
+    fine_bias_arg = fine_bias if has_fine_bias else coarse_bias  # never read without HAS_FINE_BIAS
+    fine_bias_stride = _batch_stride(fine_bias)
+    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias,
+                  PRECISION=_dot_precision(q.dtype), **launch_config(m, head_dim))
+    _backward_query_kernel[(n // m, batch * heads)](
+        q, k, v, coarse_k, coarse_v, out, grad_out, lse, delta, dq, dck, dcv,
+        fine_bias_arg, coarse_bias, coarse_index,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(out), *_strides(grad_out),
+        *_strides(dq),
+        fine_bias_stride, _batch_stride(coarse_bias),
+        heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
+        BLOCK_M=m, BLOCK_N=block_n, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles, **common,
+    )
+    _backward_key_kernel[(n // block_n, batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, fine_bias_arg,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        fine_bias_stride, heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
+        BLOCK_M=m, BLOCK_N=block_n, **common,
+    )
+    return dq, dk, dv, dcoarse.to(q.dtype)
+
+
+@multipole_backward.register_fake
+def _(grad_out, q, k, v, coarse_k, coarse_v, out, lse, fine_bias, coarse_bias, coarse_index, block_size, causal):
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), q.new_empty((2, *coarse_k.shape))
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, coarse_k, coarse_v, fine_bias, coarse_bias, coarse_index, block_size, causal = inputs
+    ctx.save_for_backward(q, k, v, coarse_k, coarse_v, *output, fine_bias, coarse_bias, coarse_index)
+    ctx.block_size, ctx.causal = block_size, causal
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    dq, dk, dv, dcoarse = multipole_backward(grad_out, *ctx.saved_tensors, ctx.block_size, ctx.causal)
+    return dq, dk, dv, dcoarse[0], dcoarse[1], None, None, None, None, None
+
+
+multipole_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 # Kernels ------------------------------------------------------------------------------------------

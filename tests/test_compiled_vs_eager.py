@@ -1,0 +1,93 @@
+"""torch.compile against eager: outputs and gradients of compiled attention layers equal eager ones.
+
+CPU: FMA's torch path, compiled whole (no graph break), both directions; FMA's Triton path under the
+Triton interpreter in a subprocess (TRITON_INTERPRET=1 must be set before triton is imported): its
+registered operators pass torch.library.opcheck and the layer compiles with fullgraph=True.
+GPU (skipped without CUDA): every kind, both directions, bf16 autocast.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attention_testing import relative_error
+from fma import build_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+# Options giving each kind several blocks, chunks, buckets or levels at length 100.
+SMALL = {"fma": dict(block_size=16, rank=2, max_seq_len=128), "full": {}, "local": dict(window=16),
+         "linear": dict(chunk_size=16), "htransformer": dict(block_size=8), "reformer": dict(n_buckets=4, chunk_size=16)}
+
+
+def compiled_and_eager(kind, causal, device="cpu", dtype=torch.float32, **options):
+    """[output, input gradient, parameter gradients...] of one layer, eager then compiled (fullgraph)."""
+    torch.manual_seed(0)
+    layer = build_attention(kind, dim=32, num_heads=2, causal=causal, **{**SMALL[kind], **options}).to(device).eval()
+    x = torch.randn(2, 100, 32, device=device, generator=torch.Generator(device).manual_seed(1))
+    results = []
+    for run in (layer, torch.compile(layer, fullgraph=True)):
+        inputs = x.detach().requires_grad_()
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            out = run(inputs)
+        results.append([out, *torch.autograd.grad(out.float().square().sum(), [inputs, *layer.parameters()])])
+    torch._dynamo.reset()  # each layer is a new module: do not pile up recompilations of shared code
+    return results
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_compiled_fma_torch_path_matches_eager(causal):
+    eager, compiled = compiled_and_eager("fma", causal, backend="torch")
+    for a, e in zip(compiled, eager):
+        assert relative_error(a, e) <= 1e-5
+
+
+def interpreted_kernels_compile() -> dict[str, float]:
+    """Under the interpreter: opcheck of FMA's two forward operators (schema, fake tensors, autograd
+    registration, AOT dispatch), then the Triton layer compiled vs eager: {name: relative error}."""
+    from torch.library import opcheck
+
+    from fma.downsample.fused import summaries_forward
+    from fma.multipole.fused import _coarse_index, multipole_forward
+
+    generator = torch.Generator().manual_seed(2)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator).requires_grad_()
+
+    n, m, p, d = 64, 16, 2, 16  # one coarse level of 64 / 16 * 2 = 8 summaries
+    opcheck(multipole_forward, (leaf(1, 2, n, d), leaf(1, 2, n, d), leaf(1, 2, n, d), leaf(1, 2, 8, d),
+                                leaf(1, 2, 8, d), None, torch.zeros(1, 8), _coarse_index(n, m, p, True, torch.device("cpu")),
+                                m, True))
+    opcheck(summaries_forward, (leaf(1, 2, n, d), leaf(p * d * m), leaf(p * d), None, m, p, False))
+    eager, compiled = compiled_and_eager("fma", True, backend="triton")
+    return {f"tensor {i}": relative_error(a, e) for i, (a, e) in enumerate(zip(compiled, eager))}
+
+
+def test_compiled_fma_kernels_match_eager_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, __file__, "--interpreter"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-5000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert errors and all(error <= 1e-5 for error in errors.values()), errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("kind", list(SMALL))
+def test_gpu_every_kind_compiles_and_matches_eager(kind, causal):
+    """bf16 autocast as in training: compiled and eager may round differently, within bf16's 1e-2."""
+    eager, compiled = compiled_and_eager(kind, causal, device="cuda", dtype=torch.bfloat16)
+    for a, e in zip(compiled, eager):
+        assert relative_error(a, e) <= 1e-2
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpreter"]:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    print(json.dumps(interpreted_kernels_compile()))
