@@ -3,17 +3,14 @@ runs interpreted on the CPU, and how kernel outputs are allocated. At the bottom
 nothing else from the package.
 """
 
-import functools
 import importlib.util
 import math
 import os
 
 import torch
 
-
-@functools.cache
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# A constant, not a call: torch.compile reads it while tracing a model (it cannot trace find_spec).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def interpreted() -> bool:

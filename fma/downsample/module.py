@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import ConfigurationError
 from ..indexing import level_widths, padded_length
-from ..kernels import triton_installed
+from ..kernels import TRITON_INSTALLED
 from .cellwise import real_counts, summarise
 
 DOWNSAMPLE_KINDS = ("groupedconv", "conv", "avgpool")
@@ -86,7 +86,7 @@ class Downsample(nn.Module):
         "triton" that cannot run x (no kernel for the kind or dtype) is an error, not a silent fall-back."""
         fusable = self.kind in FUSED_KINDS and x.dtype in FUSED_DTYPES
         if backend == "auto":
-            return "triton" if fusable and x.is_cuda and triton_installed() else "torch"
+            return "triton" if fusable and x.is_cuda and TRITON_INSTALLED else "torch"
         if backend == "triton" and not fusable:
             raise ConfigurationError(
                 f"The triton backend has no kernel for downsample={self.kind} in {x.dtype} (fused: "

@@ -9,26 +9,33 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=16)
-def sliding_window_block_mask(n: int, window: int, causal: bool, device: torch.device):
-    """FlexAttention block mask of the window (built once per shape, compiled: never n x n)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+
+def sliding_window_block_mask(n: int, window: int, causal: bool, device: torch.device, compiled: bool):
+    """FlexAttention block mask of the window (never n x n); `compiled`: build it through its own
+    compiled kernel (eager callers), else as plain operations (inside a compiled model)."""
     def visible(batch, head, query, key):
         offset = query - key
         return (offset >= 0) & (offset < window) if causal else (offset < window) & (offset > -window)
 
-    return create_block_mask(visible, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, _compile=True)
+    return create_block_mask(visible, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device, _compile=compiled)
+
+
+cached_block_mask = functools.lru_cache(maxsize=16)(sliding_window_block_mask)
 
 
 @functools.cache
 def compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_sliding_window(q, k, v, *, window: int, causal: bool):
-    """q, k, v [batch, heads, n, d] (CUDA, no padding) -> [batch, heads, n, d]."""
-    block_mask = sliding_window_block_mask(q.shape[-2], window, causal, q.device)
+    """q, k, v [batch, heads, n, d] (CUDA, no padding) -> [batch, heads, n, d]. Eager: a block mask
+    cached per shape and FlexAttention compiled on its own; inside a compiled model, both are traced
+    into the model's graph (a nested compile would break it)."""
+    if torch.compiler.is_compiling():
+        block_mask = sliding_window_block_mask(q.shape[-2], window, causal, q.device, compiled=False)
+        return flex_attention(q, k, v, block_mask=block_mask)
+    block_mask = cached_block_mask(q.shape[-2], window, causal, q.device, compiled=True)
     return compiled_flex_attention()(q, k, v, block_mask=block_mask)

@@ -9,7 +9,7 @@ the kernels are used: importing it with the package would fix TRITON_INTERPRET f
 import torch
 
 from ..indexing import level_widths, padded_length
-from ..kernels import triton_installed
+from ..kernels import TRITON_INSTALLED
 from .blocklocal import block_local_attention
 
 BACKENDS = ("torch", "triton")
@@ -66,7 +66,7 @@ def multipole_attention(
 
 def triton_supports(q: torch.Tensor, block_size: int) -> bool:
     """Whether the fused kernels take q on its device, in its dtype and shape (what "auto" asks)."""
-    if not q.is_cuda or not triton_installed():
+    if not q.is_cuda or not TRITON_INSTALLED:
         return False
     from .fused import SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 
