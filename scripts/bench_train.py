@@ -11,12 +11,13 @@ attention scores and values, over the H200's dense bf16 peak of 989 TFLOP/s).
 
 Rows are series (scripts/series.py): each model is train.py's `model` config for that series.
 
+--compile none default reduce-overhead times each row eager and/or through torch.compile in those
+modes (reduce-overhead: CUDA graphs, no launch overhead), as rows labelled "<series> [<mode>]".
+
 --profile also records each point's GPU kernel time and kernel launches per step (torch.profiler),
 with the kernels that take the most time in train_profile.md: when a step's wall time far exceeds
 its kernel time, the host (Python, kernel launches) bounds it, not the GPU.
 """
-
-from pathlib import Path
 
 import hydra
 import torch
@@ -35,16 +36,20 @@ def train_model(series: Series, seq_len: int, depth: int, dim: int, heads: int, 
     return hydra.utils.instantiate(config, vocab_size=vocab_size, causal=True, _convert_="all")
 
 
-def train_step(series: Series, seq_len, batch, depth, dim, heads, vocab_size=256):
-    """A closure running one optimizer step of a fresh model on fresh random tokens; and the
-    model's non-embedding parameter count."""
+def train_step(series: Series, seq_len, batch, depth, dim, heads, vocab_size=256, compile_mode="none"):
+    """A closure running one optimizer step of a fresh model on fresh random tokens (the model
+    through torch.compile unless compile_mode is "none"); and the model's non-embedding parameter count."""
     model = train_model(series, seq_len, depth, dim, heads, vocab_size).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(vocab_size, (batch, seq_len + 1), device="cuda")
+    torch._dynamo.reset()  # a fresh model per point: no pile-up of recompilations
+    forward = model if compile_mode == "none" else torch.compile(model, mode=compile_mode)
 
     def step():
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(tokens[:, :-1])
+            logits = forward(tokens[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         optimizer.step()
@@ -58,6 +63,8 @@ def main():
     parser = benchmark_parser(__doc__, lengths=[1024, 4096, 16384, 65536], tokens=65536,
                               tokens_help="tokens per optimizer step", out="benchmarks/train")
     parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--compile", nargs="+", default=["none"], choices=["none", "default", "reduce-overhead"],
+                        help="eager (none) and/or torch.compile modes, one row each (default: none)")
     parser.add_argument("--profile", action="store_true", help="also profile GPU kernel time and launches per step")
     args = parse_args(parser)
     require_cuda("bench_train.py")
@@ -67,15 +74,16 @@ def main():
     rows, profiles = [], []
     for seq_len in args.lengths:
         batch = max(1, args.tokens // seq_len)
-        for series in args.series:
-            label = series.label
+        for series, compile_mode in [(series, mode) for series in args.series for mode in args.compile]:
+            label = series.label if args.compile == ["none"] else f"{series.label} [{compile_mode}]"
             try:
-                step, params = train_step(series, seq_len, batch, args.depth, args.dim, args.heads)
+                step, params = train_step(series, seq_len, batch, args.depth, args.dim, args.heads,
+                                          compile_mode=compile_mode)
                 result = measure(step, repeats=args.repeats)
             except torch.OutOfMemoryError:
                 result, params = {"error": "OOM"}, None
             tokens = batch * seq_len
-            row = {"variant": label, "kind": series.kind, "seq_len": seq_len, "batch": batch, "ms": result.get("ms"),
+            row = {"variant": label, "kind": series.kind, "compile": compile_mode, "seq_len": seq_len, "batch": batch, "ms": result.get("ms"),
                    "tokens_per_s": tokens / result["ms"] * 1e3 if result.get("ms") else None,
                    "peak_gib": result.get("peak_gib"), "error": result.get("error", ""), "mfu": None}
             if args.profile and row["ms"]:
@@ -91,7 +99,7 @@ def main():
             shown = f"{row['tokens_per_s']:,.0f} tok/s, {row['peak_gib']:.2f} GiB" if row["ms"] else row["error"]
             print(f"{seq_len:>7} x{batch:<4} {label:<16} {shown}", flush=True)
 
-    labels = [series.label for series in args.series]
+    labels = list(dict.fromkeys(row["variant"] for row in rows))
     table = "### tokens/s\n\n" + length_table(rows, labels, "tokens_per_s", "{:,.0f}")
     table += "\n\n### peak memory (GiB)\n\n" + length_table(rows, labels, "peak_gib", "{:.2f}")
     full = [r for r in rows if r["mfu"] is not None]
