@@ -1,14 +1,20 @@
-"""Throughput and memory in the logs and the progress bar; crash-safe checkpoint writing; taking turns
-on a shared GPU."""
+"""Throughput and memory in the logs and the progress bar; crash-safe checkpoint writing; last.ckpt
+and a clean stop on SIGTERM/SIGINT; taking turns on a shared GPU; and one Hydra callback, the
+report that ends a multirun."""
 
 import fcntl
+import json
 import resource
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from data.cache import atomic_path, remove_stale_temporaries
@@ -57,6 +63,131 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, *args, **kwargs):
         remove_stale_temporaries(Path(path).parent)
         return super().load_checkpoint(path, *args, **kwargs)
+
+
+def stepped(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the batch that just ended completed an optimizer step (the last of its accumulated
+    micro-batches): the only points where a run can stop and resume exactly."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
+class LastCheckpoint(Checkpoint):
+    """Saves `path` (checkpoints/last.ckpt) every `every_n_train_steps` optimizer steps and at the step
+    where training stops (trainer.max_steps, or a stop asked for by StopOnSignal), always at the end
+    of an optimizer step's last batch.
+
+    The final state is saved there, not after fit returns: Lightning resumes a checkpoint saved after
+    fit one logged step late when its last step validated, while one saved at the end of a batch
+    resumes at the next step, as an uninterrupted run would. Being a Checkpoint, Lightning runs it
+    after the other callbacks, so it sees the stop StopOnSignal asks for at the same batch.
+    """
+
+    def __init__(self, path: str, every_n_train_steps: int):
+        self.path, self.every_n_train_steps = path, every_n_train_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if stepped(trainer, batch_idx) and (step % self.every_n_train_steps == 0 or trainer.should_stop
+                                            or 0 < trainer.max_steps <= step):
+            trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class Interrupted(BaseException):
+    """A run stopped by a signal. A BaseException, as KeyboardInterrupt is, so that no `except
+    Exception` on its way (hydra.utils.instantiate's, a library's) takes it for an error of its own."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum   # what a shell reports for a process a signal ended: 143 SIGTERM, 130 SIGINT
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) end a run cleanly. While training, the
+    run stops at the end of the optimizer step under way, every process at the same one, where
+    LastCheckpoint saves a checkpoint that resumes exactly; `stopped` then says so and `received` which
+    signal it was. At any other time, or on a second signal, Interrupted is raised at once.
+
+    A context manager around the whole run (the handlers are installed on entry, the previous ones
+    restored on exit) and a callback of its trainer: Lightning installs a SIGTERM handler of its own
+    when fit starts, which stops mid-validation too and saves nothing; on_train_start puts this one
+    back, and Lightning's teardown restores the handlers it found, these.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self.stopped = False
+        self._training = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+        self._install({signum: self._handle for signum in self.SIGNALS})
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._install(self._previous)
+
+    @staticmethod
+    def _install(handlers: dict) -> None:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        # No output here: a handler that writes can interrupt a write to the same stream.
+        first, signum = self.received is None, signal.Signals(signum)
+        self.received = self.received or signum
+        if not (self._training and first):
+            raise Interrupted(signum, f"stopped at once by {signum.name}")
+
+    def on_train_start(self, trainer, pl_module):
+        self._install({signum: self._handle for signum in self.SIGNALS})
+        self._training = True
+
+    def on_train_end(self, trainer, pl_module, *_):
+        self._training = False
+
+    on_exception = on_train_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # reduce_boolean_decision: under DDP every process stops at the step where any one was signalled
+        if stepped(trainer, batch_idx) and trainer.strategy.reduce_boolean_decision(self.received is not None,
+                                                                                    all=False):
+            trainer.should_stop = self.stopped = True
+
+
+class MultirunReport(HydraCallback):
+    """Ends a multirun (`train.py -m`) by naming the points that did not finish ok, from their
+    result.json, and exiting with code 1 if there are any. (train.py lets every point run to its end;
+    Hydra's own launcher would stop the multirun at the first point that exits.)"""
+
+    def __init__(self):
+        self.points: list[tuple[int, str, Path]] = []
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        self.points.append((config.hydra.job.num, " ".join(job_return.overrides or []),
+                            Path(config.hydra.runtime.output_dir)))
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        failed = []
+        for number, overrides, folder in self.points:
+            try:
+                result = json.loads((folder / "result.json").read_text())
+                status, reason = result["status"], result["reason"]
+            except (OSError, ValueError, KeyError):
+                status, reason = "failed", f"no readable {folder / 'result.json'}"
+            if status != "ok":
+                failed.append(f"#{number} ({overrides}): {status}: {reason}")
+        if failed:
+            print(f"\n{len(failed)} of {len(self.points)} points did not finish ok:\n  " + "\n  ".join(failed),
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 class ExclusiveDevice(L.Callback):

@@ -21,6 +21,12 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def resolved_optim(optim: dict, max_steps: int) -> dict:
+    """`optim` with the schedule's length resolved (total_steps null: trainer.max_steps): what a run
+    resumed from a checkpoint must share with the run that wrote it."""
+    return {**optim, "total_steps": optim.get("total_steps") or max_steps}
+
+
 class LanguageModelModule(L.LightningModule):
     """Trains `net` (tokens -> logits) with `objective`; logs train/loss, val/<metric>, test/<metric>.
 
@@ -130,7 +136,7 @@ class LanguageModelModule(L.LightningModule):
             [{"params": decay, "weight_decay": self.optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
         )
-        total_steps = self.optim.get("total_steps") or self.trainer.max_steps
+        total_steps = resolved_optim(self.optim, self.trainer.max_steps)["total_steps"]
         if total_steps is None or total_steps < 1:  # 0, or Lightning's -1 ("no limit"): a schedule without an end
             raise ConfigurationError(f"trainer.max_steps={total_steps} must be a positive number of steps: the LR "
                                      f"schedule ends there. Set trainer.max_steps=<n> (or optim.total_steps=<n> "

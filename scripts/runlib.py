@@ -18,8 +18,9 @@ reruns the ones it had not finished. The reports (`table.md`, `table.csv`, `tabl
 Status of a point: `ok`; `oom`; `timeout` (the runner stopped it); `failed` with `reason` the error
 (train.py's message for a mistake you can fix, e.g. seq_len longer than a split, or the exception;
 without result.json, how the process ended: killed by a signal, or crashed before writing it);
-`interrupted` (Ctrl-C). The scripts built on this module are sweep_seq_len.py (generic),
-reproduce_tables.py (the paper's tables) and long_range_diagnostic.py (synthetic tasks).
+`interrupted` (Ctrl-C, SIGTERM). A sweep exits 1 once all its points ran if any is not ok. The
+scripts built on this module are sweep_seq_len.py (generic), reproduce_tables.py (the paper's
+tables) and long_range_diagnostic.py (synthetic tasks).
 """
 
 from __future__ import annotations
@@ -614,7 +615,9 @@ def _raise_interrupt(signum, frame):
 
 
 def run_sweep(spec: SweepSpec) -> int:
-    """Run the points not yet recorded, recording each; write the reports; print the table last."""
+    """Run the points not yet recorded, recording each; write the reports; print the table last.
+    Returns 0 when every point of the plan is recorded ok, 1 when any is not (named on stderr, also
+    those recorded by an earlier invocation), 130 when interrupted; a dry run returns 0."""
     plan = plan_points(spec.series, spec.lengths, spec.budget, spec.overrides)
     jsonl = spec.out / "points.jsonl"
     records = read_records(jsonl)
@@ -628,11 +631,17 @@ def run_sweep(spec: SweepSpec) -> int:
         return 0
 
     spec.out.mkdir(parents=True, exist_ok=True)
-    lock = open(spec.out / ".sweep.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UsageError(f"Another sweep is writing to {spec.out}; wait for it or pick another --out.")
+    with open(spec.out / ".sweep.lock", "w") as lock:   # closing it releases the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"Another sweep is writing to {spec.out}; wait for it or pick another --out.")
+        return run_points(spec, plan, records, todo)
+
+
+def run_points(spec: SweepSpec, plan: list[Point], records: dict[str, dict], todo: list[Point]) -> int:
+    """run_sweep's work once it holds the sweep's lock."""
+    jsonl = spec.out / "points.jsonl"
     env = {"table": spec.title, **({"STAND-IN": spec.stand_in} if spec.stand_in else {}),
            "budget": spec.budget.describe(), **spec.notes,
            "common overrides": " ".join(spec.overrides), **benchlib.environment()}
@@ -695,7 +704,14 @@ def run_sweep(spec: SweepSpec) -> int:
     print(f"\nwrote {spec.out}/table.md, table.csv, table.json, metric_vs_length.png, memory_vs_length.png, "
           f"points.jsonl\n")
     print(table)
-    return 0
+    unrecorded = {"status": "not run", "reason": "no record"}
+    failed = [(point, records.get(point.key, unrecorded)) for point in plan
+              if records.get(point.key, unrecorded)["status"] != "ok"]
+    if failed:
+        print(f"\n{len(failed)} of {len(plan)} points did not finish ok: " + "; ".join(
+            f"{point.series.label}, length {point.seq_len}, seed {point.seed}: {record['status']} "
+            f"({record['reason'][:200]})" for point, record in failed), file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main_guard(main) -> None:

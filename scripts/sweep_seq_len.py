@@ -24,13 +24,14 @@ the final test and validation metric, parameters, peak training memory and token
 
 Each point runs as its own `train.py` process in <out>/points/<name>/ (its .hydra/config.yaml is the
 exact config; stdout.log and stderr.log are kept). A point that runs out of memory or fails is
-recorded with its status and reason and the sweep goes on. Results are appended to
+recorded with its status and reason and the sweep goes on; once every point ran, the script exits 1
+if any is not ok (naming them), 0 if all are. Results are appended to
 <out>/points.jsonl as points finish; run the same command again after an interruption and it runs
 only the points not yet recorded (--retry-failed also reruns failed ones). Writes <out>/table.md,
 table.csv (one row per point, with its overrides and config path), table.json,
 metric_vs_length.png, memory_vs_length.png and points.jsonl; the markdown table is printed last.
 
-The same thing as a plain Hydra multirun, without the resume, failure records and table:
+The same thing as a plain Hydra multirun, without the resume and the table:
 `python train.py -m model=full,fma data.seq_len=512,1024 data.batch_size=32 ...` (one batch size
 for all lengths there, so tokens per step differ; this script keeps them equal).
 """

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,13 @@ def run_train_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Tests never touch the network: the hub libraries are told they are offline."""
+    """Tests never touch the network: the hub libraries are told they are offline, and a connection
+    opened in the test process (train.py's probe of wandb's server) fails at once."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+    def no_connection(address, *args, **kwargs):
+        raise OSError(f"tests open no connections ({address})")
+
+    monkeypatch.setattr(socket, "create_connection", no_connection)

@@ -3,11 +3,13 @@ with one paragraph and exit code 2."""
 
 import hydra
 import pytest
+import torch
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import ROOT, TINY, compose_config, run_train_cli
 from fma import ATTENTION_KINDS, ConfigurationError
+from train import train
 
 
 def test_config_groups_offer_only_real_choices():
@@ -17,6 +19,24 @@ def test_config_groups_offer_only_real_choices():
         options = GlobalHydra.instance().config_loader().get_group_options
         assert options("model") == sorted(ATTENTION_KINDS)
         assert options("data") == ["enwik8", "synthetic", "text", "wikitext103"]
+
+
+@pytest.mark.parametrize("choice", ["model=doesnotexist", "model=_transformer"])
+def test_an_unknown_option_exits_2_naming_the_options(tmp_path, choice):
+    """Hydra cannot compose the command line: one paragraph that lists the real options, exit 2, nothing written."""
+    result = run_train_cli([choice, f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    paragraph = result.stderr.split("error: ", 1)[1].strip()
+    assert "\n" not in paragraph and choice in paragraph
+    assert f"Choose one of {', '.join(sorted(ATTENTION_KINDS))}" in paragraph
+    assert "Traceback" not in result.stderr and not (tmp_path / "logs").exists()
+
+
+def test_a_gpu_asked_for_without_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for choice in ("trainer=gpu", "trainer=ddp"):
+        with pytest.raises(ConfigurationError, match="needs a CUDA GPU.*trainer=cpu"):
+            train(compose_config(tmp_path, [choice]))
 
 
 @pytest.mark.parametrize("choice", ["data=text", "experiment=shakespeare_smoke"])

@@ -301,6 +301,27 @@ def test_a_point_record_is_read_from_result_json(tmp_path, monkeypatch, result, 
         assert record["returncode"] == 0 and record["label"] == "full" and record["kind"] == "full"
 
 
+def test_a_sweep_with_a_failed_point_runs_every_point_and_exits_1(tmp_path, monkeypatch, capsys):
+    """A stand-in for train.py whose first point (length 32) fails: the second still runs, and the
+    sweep returns 1 naming the failed point; run again with nothing left to run, it still returns 1."""
+    stand_in = tmp_path / "stand_in_train.py"
+    stand_in.write_text(
+        "import json, sys\n"
+        "run_dir = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('hydra.run.dir='))\n"
+        "ok = 'data.seq_len=64' in sys.argv\n"
+        "result = {'status': 'ok' if ok else 'failed', 'reason': '' if ok else 'RuntimeError: boom',\n"
+        "          'metrics': {'test/bpc': 2.0} if ok else {}, 'parameters': {'total': 10}, 'tokens_per_s': 1.0,\n"
+        "          'peak_mem_gib': 1.0, 'steps': 1}\n"
+        "open(run_dir + '/result.json', 'w').write(json.dumps(result))\n")
+    monkeypatch.setattr(runlib, "TRAIN", stand_in)
+    spec = runlib.SweepSpec(title="t", series=[parse_series("model=full")], lengths=[32, 64],
+                            budget=runlib.Budget(steps=1, tokens_per_step=64), overrides=[], out=tmp_path / "out")
+    assert runlib.run_sweep(spec) == 1
+    assert [(r["seq_len"], r["status"]) for r in records(tmp_path / "out")] == [(32, "failed"), (64, "ok")]
+    assert "1 of 2 points did not finish ok: full, length 32, seed 0: failed (RuntimeError: boom)" in capsys.readouterr().err
+    assert runlib.run_sweep(spec) == 1 and len(records(tmp_path / "out")) == 2
+
+
 def test_a_killed_run_leaves_no_result_json_and_its_record_says_so(tmp_path):
     """A real train.py point killed with SIGKILL once it is training (its metrics log exists, after 100
     steps): no result.json, and the record names the signal."""
@@ -395,7 +416,7 @@ def test_failed_point_is_recorded_and_an_interrupted_sweep_resumes(tmp_path):
     assert [(r["seq_len"], r["status"]) for r in first] == [(32, "ok")]
 
     result = run_script("sweep_seq_len.py", args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]   # a point failed
     assert "1 already recorded" in result.stdout and "2 to run" in result.stdout
     second = records(out)
     assert second[0] == first[0]   # the finished point was not run again
@@ -407,6 +428,6 @@ def test_failed_point_is_recorded_and_an_interrupted_sweep_resumes(tmp_path):
     assert "failed: config error" in (out / "table.md").read_text()
 
     again = run_script("sweep_seq_len.py", args, cwd=tmp_path)
-    assert again.returncode == 0 and "0 to run" in again.stdout
+    assert again.returncode == 1 and "0 to run" in again.stdout
     assert records(out) == second
 

@@ -1,9 +1,16 @@
 """train.py end to end on the real configs: composition, tiny runs, result.json, resume, sweeps, bad input."""
 
+import argparse
 import json
+import logging
 import math
+import os
 import signal
+import socket
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -14,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import models
 from conftest import ROOT, SHARED_DATA, TINY, compose_config, logged, read_metrics, run_train_cli
 from fma import ConfigurationError
-from train import SKIP_THROUGHPUT_STEPS, train
+from train import SKIP_THROUGHPUT_STEPS, build_loggers, train
 
 GROUP_OPTIONS = {group: sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml") if not p.stem.startswith("_"))
                  for group in ("model", "data", "objective", "trainer", "logger", "experiment")}
@@ -186,6 +193,83 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, objective):
     assert resumed == {step: uninterrupted[step] for step in resumed}
 
 
+def test_a_finished_run_extends_only_on_its_own_schedule(tmp_path):
+    """Resuming a finished 6-step run (validated at its last step) with trainer.max_steps=12 is refused:
+    the cosine schedule would be rebuilt for 12 steps and the LR jump. optim.total_steps=6, which the
+    message names, extends it exactly: steps 6..11 are logged (not 7..12), in epoch 0, with the losses
+    of a straight 12-step run on that schedule."""
+    train(compose_config(tmp_path / "a", ["test=false"]))   # TINY: 6 steps, validation at 3 and 6
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigurationError, match=r"optim.total_steps: 6 in the checkpoint, 12 here.*optim.total_steps=6"):
+        train(compose_config(tmp_path / "refused", ["test=false", "trainer.max_steps=12", f"ckpt_path={last}"]))
+    longer = ["test=false", "trainer.max_steps=12", "optim.total_steps=6"]
+    train(compose_config(tmp_path / "b", [*longer, f"ckpt_path={last}"]))
+    train(compose_config(tmp_path / "c", longer))
+    rows = read_metrics(tmp_path / "b" / "run")
+    extended, straight = logged(rows, "train/loss"), logged(read_metrics(tmp_path / "c" / "run"), "train/loss")
+    assert sorted(extended) == list(range(6, 12))
+    assert {row["epoch"] for row in rows if row["train/loss"]} == {"0"}
+    assert extended == {step: straight[step] for step in extended}
+
+
+def test_checkpoint_of_another_attention_is_refused_unless_allowed(tmp_path, tiny_run):
+    """A `full` checkpoint has the shapes of `local`; resuming it under model=local is refused, naming
+    both, unless allow_other_attention=true. Another backend computes the same attention: allowed."""
+    _, _, run_dir = tiny_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigurationError, match=r"full attention; this run configures local attention \(window=128\).*allow_other_attention=true"):
+        train(compose_config(tmp_path / "refused", ["model=local", f"ckpt_path={last}"]))
+    train(compose_config(tmp_path / "backend", ["model.attention.backend=math", "test=false", f"ckpt_path={last}"]))
+    train(compose_config(tmp_path / "allowed", ["model=local", "allow_other_attention=true", "trainer.max_steps=8",
+                                                "optim.total_steps=6", "test=false", f"ckpt_path={last}"]))
+    assert sorted(logged(read_metrics(tmp_path / "allowed" / "run"), "train/loss")) == [6, 7]
+
+
+def losses_so_far(run_dir: Path) -> dict[int, float]:
+    """The training losses a running train.py has written to its metrics.csv (created empty before training)."""
+    try:
+        return logged(read_metrics(run_dir), "train/loss")
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_at_a_step_it_resumes_from(tmp_path, sig):
+    """SIGTERM or SIGINT while training: the run finishes the step under way, saves last.ckpt there,
+    skips the test, records `interrupted` in result.json, says how to resume and exits 128 + the
+    signal (143, 130). Resumed from that checkpoint for 3 steps of the same schedule, it logs the
+    losses of an uninterrupted run (all three runs are train.py processes)."""
+    budget = ["trainer.max_steps=1000", "trainer.val_check_interval=50", "data.val_windows=8",
+              f"paths.cache_dir={tmp_path / 'cache'}"]
+    run_dir = tmp_path / "a"
+    with open(tmp_path / "a.log", "w") as log_file:
+        process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY, *budget, f"hydra.run.dir={run_dir}",
+                                    "+logger.csv.flush_logs_every_n_steps=5"], cwd=tmp_path, stdout=log_file,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + 300
+        while not losses_so_far(run_dir) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        process.send_signal(sig)
+        returncode = process.wait(120)
+    output = (tmp_path / "a.log").read_text()
+    assert returncode == 128 + sig, output[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    steps, last = result["steps"], run_dir / "checkpoints" / "last.ckpt"
+    assert result["status"] == "interrupted" and sig.name in result["reason"] and 0 < steps < 1000
+    assert not [key for key in result["metrics"] if key.startswith("test/")]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == steps
+    assert max(logged(read_metrics(run_dir), "train/loss")) == steps - 1
+    assert f"ckpt_path={last}" in output and "Traceback" not in output
+
+    schedule = [*budget, "test=false", f"trainer.max_steps={steps + 3}", "optim.total_steps=1000"]
+    for name, extra in (("resumed", [f"ckpt_path={last}"]), ("uninterrupted", [])):
+        finished = run_train_cli([*TINY, *schedule, *extra, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    resumed, uninterrupted = (logged(read_metrics(tmp_path / name), "train/loss") for name in ("resumed", "uninterrupted"))
+    assert sorted(resumed) == [steps, steps + 1, steps + 2]
+    assert resumed == {step: uninterrupted[step] for step in resumed}
+
+
 EXACT_AT_TINY_LENGTH = {"fma", "local", "htransformer"}  # at data.seq_len=32 they see every key at full resolution
 
 
@@ -235,6 +319,18 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, tiny_run):
     assert last.read_bytes() == before   # the checkpoint is untouched
 
 
+def test_checkpoint_with_other_python_objects_is_refused_without_the_unsafe_hint(tmp_path):
+    """A checkpoint holding a class instance is refused, naming the class; the message does not pass
+    on PyTorch's advice to load it with weights_only=False."""
+    path = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "extra": argparse.Namespace(a=1)}, path)
+    with pytest.raises(ConfigurationError) as raised:
+        train(compose_config(tmp_path, [f"ckpt_path={path}"]))
+    message = str(raised.value)
+    assert "argparse.Namespace" in message and "ckpt_path=" in message
+    assert "weights_only" not in message and "can still be loaded" not in message
+
+
 def test_unknown_attention_kind_exits_with_a_message(tmp_path):
     """Exit 2 with one paragraph, and result.json with that paragraph as its reason."""
     result = run_train_cli([*TINY, "model.attention.name=nope", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
@@ -271,6 +367,27 @@ def test_multirun_sweep_runs_every_point(tmp_path):
         assert json.loads((tmp_path / "sweep" / point / "result.json").read_text())["status"] == "ok"
     configs = [(tmp_path / "sweep" / p / ".hydra" / "overrides.yaml").read_text() for p in ("0", "1")]
     assert "data.seq_len=16" in configs[0] and "data.seq_len=32" in configs[1]
+    # one final line per point, and every checkpoint saved with weights_only given
+    assert result.stdout.count("final: val/acc") == 2
+    assert "weights_only` was not set" not in result.stdout + result.stderr
+
+
+def test_multirun_runs_past_a_failing_point_and_names_it(tmp_path):
+    """Point 0 is a configuration error: point 1 still runs, and the multirun ends with exit code 1 and
+    the failed point named."""
+    result = run_train_cli(["-m", *TINY, "model.attention.name=nope,full", "test=false", "trainer.max_steps=2",
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    statuses = [json.loads((tmp_path / "sweep" / point / "result.json").read_text())["status"] for point in "01"]
+    assert statuses == ["config_error", "ok"]
+    assert "1 of 2 points did not finish ok" in result.stderr
+    assert "#0 (" in result.stderr and "model.attention.name=nope" in result.stderr.split("1 of 2 points")[1]
+
+
+def test_nothing_evaluated_prints_no_empty_final_line(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    train(compose_config(tmp_path, ["test=false", "trainer.max_steps=2"]))   # validation every 3 steps: none
+    assert "final:" not in capsys.readouterr().out and "final:" not in caplog.text
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare.txt").exists(), reason="needs ../shared/data")
@@ -290,15 +407,33 @@ def test_tensorboard_logger_writes_event_files(tmp_path):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_wandb_is_offline_without_credentials_and_online_with_them(tmp_path, monkeypatch):
+def test_wandb_logs_online_only_when_logged_in_and_its_server_answers(tmp_path, monkeypatch, caplog):
+    """Offline without credentials; with them, offline too (and says so) when the server does not answer
+    within 3 s, instead of retrying for minutes; online when it answers. No run starts either way."""
     pytest.importorskip("wandb")
-    from train import build_loggers
-
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))   # no ~/.netrc
     cfg = compose_config(tmp_path, ["logger=wandb"])
     [logger] = build_loggers(cfg)
     assert logger._offline is True
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    probes = []
+
+    def unreachable(address, timeout):
+        probes.append((address, timeout))
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
     [logger] = build_loggers(cfg)
-    assert logger._offline is False   # constructing the logger starts no run and touches no network
+    assert logger._offline is True and probes == [(("api.wandb.ai", 443), 3.0)]
+    assert "logging offline" in caplog.text and "wandb sync" in caplog.text
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: socket.socket())
+    [logger] = build_loggers(cfg)
+    assert logger._offline is False
+
+
+def test_ddp_on_the_cpu_runs_in_fp32(tmp_path):
+    from train import trainer_config
+
+    cfg = compose_config(tmp_path, ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], tiny=False)
+    assert trainer_config(cfg).precision == "32-true"
