@@ -122,15 +122,17 @@ def check_schedule(path: str, saved: dict, configured: dict) -> None:
     differ = [key for key in saved.keys() | configured.keys() if saved.get(key) != configured.get(key)]
     if not differ:
         return
-    extend = (f" To train on past the end of its schedule, at its final learning rate, keep the schedule's length: "
-              f"optim.total_steps={saved['total_steps']} with the trainer.max_steps=<n> you want."
+    extend = (f" To train on past the end of its schedule, at its final learning rate, keep the schedule's "
+              f"length: optim.total_steps={saved['total_steps']} with the trainer.max_steps=<n> you want."
               if "total_steps" in differ else "")
+    changes = "; ".join(f"optim.{key}: {saved.get(key)} in the checkpoint, {configured.get(key)} here"
+                        for key in sorted(differ))
     raise ConfigurationError(
-        f"The checkpoint {path} was trained with other optimizer settings: "
-        f"{'; '.join(f'optim.{key}: {saved.get(key)} in the checkpoint, {configured.get(key)} here' for key in sorted(differ))}"
+        f"The checkpoint {path} was trained with other optimizer settings: {changes}"
         f" (optim.total_steps null means trainer.max_steps). Resuming would rebuild the LR schedule for this run's "
         f"settings (the learning rate jumps) while the restored optimizer state kept the checkpoint's. "
-        f"Resume with the checkpoint's optim.* and trainer.max_steps (its run's .hydra/config.yaml lists them).{extend}")
+        f"Resume with the checkpoint's optim.* and trainer.max_steps (its run's .hydra/config.yaml lists them)."
+        + extend)
 
 
 def wandb_online() -> bool:
@@ -169,7 +171,8 @@ def trainer_config(cfg: DictConfig) -> DictConfig:
     trainer_cfg = cfg.trainer
     wants_gpu = trainer_cfg.accelerator in ("gpu", "cuda")
     if wants_gpu and not torch.cuda.is_available():
-        build = "a CPU build of PyTorch" if torch.version.cuda is None else f"PyTorch built for CUDA {torch.version.cuda}"
+        build = ("a CPU build of PyTorch" if torch.version.cuda is None
+                 else f"PyTorch built for CUDA {torch.version.cuda}")
         raise ConfigurationError(
             f"trainer.accelerator={trainer_cfg.accelerator} (trainer=gpu, trainer=ddp) needs a CUDA GPU, and "
             f"{build} sees none. Use trainer=cpu, or trainer=default (a GPU where there is one), or "

@@ -318,7 +318,8 @@ def test_a_sweep_with_a_failed_point_runs_every_point_and_exits_1(tmp_path, monk
                             budget=runlib.Budget(steps=1, tokens_per_step=64), overrides=[], out=tmp_path / "out")
     assert runlib.run_sweep(spec) == 1
     assert [(r["seq_len"], r["status"]) for r in records(tmp_path / "out")] == [(32, "failed"), (64, "ok")]
-    assert "1 of 2 points did not finish ok: full, length 32, seed 0: failed (RuntimeError: boom)" in capsys.readouterr().err
+    named = "1 of 2 points did not finish ok: full, length 32, seed 0: failed (RuntimeError: boom)"
+    assert named in capsys.readouterr().err
     assert runlib.run_sweep(spec) == 1 and len(records(tmp_path / "out")) == 2
 
 

@@ -1,4 +1,5 @@
-"""train.py end to end on the real configs: composition, tiny runs, result.json, resume, sweeps, bad input."""
+"""train.py end to end on the real configs: composition, tiny runs, result.json, resume (exact, after a signal,
+extending, refused checkpoints), sweeps, bad input."""
 
 import argparse
 import json
@@ -200,7 +201,8 @@ def test_a_finished_run_extends_only_on_its_own_schedule(tmp_path):
     of a straight 12-step run on that schedule."""
     train(compose_config(tmp_path / "a", ["test=false"]))   # TINY: 6 steps, validation at 3 and 6
     last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
-    with pytest.raises(ConfigurationError, match=r"optim.total_steps: 6 in the checkpoint, 12 here.*optim.total_steps=6"):
+    refusal = r"optim.total_steps: 6 in the checkpoint, 12 here.*optim.total_steps=6"
+    with pytest.raises(ConfigurationError, match=refusal):
         train(compose_config(tmp_path / "refused", ["test=false", "trainer.max_steps=12", f"ckpt_path={last}"]))
     longer = ["test=false", "trainer.max_steps=12", "optim.total_steps=6"]
     train(compose_config(tmp_path / "b", [*longer, f"ckpt_path={last}"]))
@@ -217,7 +219,8 @@ def test_checkpoint_of_another_attention_is_refused_unless_allowed(tmp_path, tin
     both, unless allow_other_attention=true. Another backend computes the same attention: allowed."""
     _, _, run_dir = tiny_run
     last = run_dir / "checkpoints" / "last.ckpt"
-    with pytest.raises(ConfigurationError, match=r"full attention; this run configures local attention \(window=128\).*allow_other_attention=true"):
+    refusal = r"full attention; this run configures local attention \(window=128\).*allow_other_attention=true"
+    with pytest.raises(ConfigurationError, match=refusal):
         train(compose_config(tmp_path / "refused", ["model=local", f"ckpt_path={last}"]))
     train(compose_config(tmp_path / "backend", ["model.attention.backend=math", "test=false", f"ckpt_path={last}"]))
     train(compose_config(tmp_path / "allowed", ["model=local", "allow_other_attention=true", "trainer.max_steps=8",
@@ -265,7 +268,8 @@ def test_a_signal_stops_the_run_at_a_step_it_resumes_from(tmp_path, sig):
     for name, extra in (("resumed", [f"ckpt_path={last}"]), ("uninterrupted", [])):
         finished = run_train_cli([*TINY, *schedule, *extra, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
         assert finished.returncode == 0, finished.stderr[-3000:]
-    resumed, uninterrupted = (logged(read_metrics(tmp_path / name), "train/loss") for name in ("resumed", "uninterrupted"))
+    resumed, uninterrupted = (logged(read_metrics(tmp_path / name), "train/loss")
+                              for name in ("resumed", "uninterrupted"))
     assert sorted(resumed) == [steps, steps + 1, steps + 2]
     assert resumed == {step: uninterrupted[step] for step in resumed}
 
@@ -376,7 +380,8 @@ def test_multirun_runs_past_a_failing_point_and_names_it(tmp_path):
     """Point 0 is a configuration error: point 1 still runs, and the multirun ends with exit code 1 and
     the failed point named."""
     result = run_train_cli(["-m", *TINY, "model.attention.name=nope,full", "test=false", "trainer.max_steps=2",
-                            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache_dir={tmp_path / 'cache'}"], cwd=tmp_path)
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                           cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     statuses = [json.loads((tmp_path / "sweep" / point / "result.json").read_text())["status"] for point in "01"]
     assert statuses == ["config_error", "ok"]
