@@ -176,6 +176,25 @@ def test_chunked_loss_trains_like_the_whole_one(tmp_path, tiny_run):
     assert all(chunked[key] == pytest.approx(results[key], rel=1e-4) for key in results)
 
 
+@pytest.mark.parametrize("kind, mode", [("full", "true"), ("fma", "reduce-overhead")])
+def test_compiled_run_trains_like_the_eager_one(tmp_path, kind, mode):
+    """compile=true and compile=reduce-overhead through train.py (on the CPU there are no CUDA graphs,
+    the wiring is the same): the training losses of the eager run, to float32 rounding. Dropout off:
+    compiled dropout draws other random numbers."""
+    model = [f"model={kind}", "model.dropout=0.0"] + (["model.attention.block_size=8"] if kind == "fma" else [])
+    train(compose_config(tmp_path / "eager", model))
+    train(compose_config(tmp_path / "compiled", [*model, f"compile={mode}"]))
+    torch._dynamo.reset()  # the next in-process compile starts afresh
+    expected, got = (logged(read_metrics(tmp_path / name / "run"), "train/loss") for name in ("eager", "compiled"))
+    assert sorted(got) == sorted(expected)
+    assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in expected)
+
+
+def test_unknown_compile_mode_is_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="compile=reduce-overhead"):
+        train(compose_config(tmp_path, ["compile=fast"]))
+
+
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, objective):
     """Resume at step 4 of 8: steps 4..7 log exactly the losses of the uninterrupted run (dropout on,
