@@ -51,7 +51,7 @@ def interpreted_kernels_compile() -> dict[str, float]:
     registration, AOT dispatch), then the Triton layer compiled vs eager: {name: relative error}."""
     from torch.library import opcheck
 
-    from fma.downsample.fused import summaries_forward
+    from fma.downsample.fused import summaries_forward, summary_tables
     from fma.multipole.fused import _coarse_index, multipole_forward
 
     generator = torch.Generator().manual_seed(2)
@@ -63,7 +63,8 @@ def interpreted_kernels_compile() -> dict[str, float]:
     opcheck(multipole_forward, (leaf(1, 2, n, d), leaf(1, 2, n, d), leaf(1, 2, n, d), leaf(1, 2, 8, d),
                                 leaf(1, 2, 8, d), None, torch.zeros(1, 8), _coarse_index(n, m, p, True, torch.device("cpu")),
                                 m, True))
-    opcheck(summaries_forward, (leaf(1, 2, n, d), leaf(p * d * m), leaf(p * d), None, m, p, False))
+    opcheck(summaries_forward, (leaf(1, 2, n, d), leaf(p * d * m), leaf(p * d), None,
+                                *summary_tables(n, m, p, torch.device("cpu")), m, p, False))
     eager, compiled = compiled_and_eager("fma", True, backend="triton")
     return {f"tensor {i}": relative_error(a, e) for i, (a, e) in enumerate(zip(compiled, eager))}
 

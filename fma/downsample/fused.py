@@ -347,13 +347,18 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=32)
-def _summary_tables(layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per summary of the concatenated buffer: its row level * p + r (int64), and p / w_l (fp32)."""
-    rows, scales = [], []
-    for level, w in enumerate(layout.widths):
-        rows.append(level * layout.p + torch.arange(layout.n // w * layout.p) % layout.p)
-        scales.append(torch.full((layout.n // w * layout.p,), layout.p / w))
-    return torch.cat(rows).to(device), torch.cat(scales).to(device)
+def summary_tables(n: int, m: int, p: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per summary of the concatenated buffer [T]: its row level * p + r (int64), and p / w_l (fp32).
+
+    Device operations only, and passed to the operators as inputs: eager callers get them cached per
+    shape; a compiled model computes them inside its graph. (Cached inside an operator, they would be
+    allocated in a CUDA graph's memory pool and outlive it, which CUDA graph trees refuse.)
+    """
+    blocks = 2 * n // m
+    summary = torch.arange(p * (blocks - 4), device=device)
+    first = p * (blocks - blocks // 2 ** torch.arange(len(level_widths(n, m)), device=device))  # per level
+    level = (summary[:, None] >= first).sum(1) - 1
+    return level * p + (summary - first[level]) % p, (p / m) * torch.exp2(-level.float())
 
 
 def _pow2_divisor(m: int, cap: int) -> int:
@@ -412,8 +417,9 @@ def _operand(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int, bo
     return split.reshape(-1), t.numel(), True
 
 
-def _forward(x, w_op, b_cat, scale, layout: Layout, avg: bool):
-    """Summaries of every level into one buffer [B, H, T, d] (x's dtype). w_op: `_operand` of W_cat."""
+def _forward(x, w_op, b_cat, scale, rows, per_summary, layout: Layout, avg: bool):
+    """Summaries of every level into one buffer [B, H, T, d] (x's dtype). w_op: `_operand` of W_cat;
+    rows, per_summary: `summary_tables`."""
     B, H, n, d = x.shape
     BH, p, m = B * H, layout.p, layout.m
     T, top, num_levels = layout.total, layout.top, layout.num_levels
@@ -439,7 +445,6 @@ def _forward(x, w_op, b_cat, scale, layout: Layout, avg: bool):
         num_warps=FWD_WARPS, num_stages=FWD_STAGES,
     )
     if coarse_level < num_levels:  # finish the wide levels: bias, scale, cast
-        rows, per_summary = _summary_tables(layout, x.device)
         total, block = scratch.numel(), 1024
         _finish_kernel[(triton.cdiv(total, block),)](
             scratch, b_cat if b_cat is not None else scratch,
@@ -501,10 +506,12 @@ def _grad_weight(x, g, layout: Layout):
 
 @torch.library.custom_op("fma::summaries_forward", mutates_args=())
 def summaries_forward(x: torch.Tensor, w_cat: Optional[torch.Tensor], b_cat: Optional[torch.Tensor],
-                      scale: Optional[torch.Tensor], block_size: int, rank: int, avg: bool) -> torch.Tensor:
-    """Every level's summaries of x [B, H, n, d] in one buffer [B, H, T, d] (x's dtype)."""
+                      scale: Optional[torch.Tensor], rows: torch.Tensor, per_summary: torch.Tensor,
+                      block_size: int, rank: int, avg: bool) -> torch.Tensor:
+    """Every level's summaries of x [B, H, n, d] in one buffer [B, H, T, d] (x's dtype); rows and
+    per_summary from `summary_tables`."""
     w_op = None if w_cat is None else _operand(w_cat, x.dtype)
-    return _forward(x, w_op, b_cat, scale, Layout.of(x.shape[2], block_size, rank), avg)
+    return _forward(x, w_op, b_cat, scale, rows, per_summary, Layout.of(x.shape[2], block_size, rank), avg)
 
 
 # The fake implementations use shape arithmetic only (no Layout): under torch.compile the shapes may
@@ -512,22 +519,24 @@ def summaries_forward(x: torch.Tensor, w_cat: Optional[torch.Tensor], b_cat: Opt
 
 
 @summaries_forward.register_fake
-def _(x, w_cat, b_cat, scale, block_size, rank, avg):
+def _(x, w_cat, b_cat, scale, rows, per_summary, block_size, rank, avg):
     batch, heads, n, d = x.shape
     return x.new_empty(batch, heads, rank * (2 * n // block_size - 4), d)
 
 
 @torch.library.custom_op("fma::summaries_grad_input", mutates_args=())
 def summaries_grad_input(g: torch.Tensor, w_cat: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-                         x_shape: list[int], block_size: int, rank: int, avg: bool) -> torch.Tensor:
-    """dx [B, H, n, d] in g's dtype from dS g [B*H, T, d] and W (avgpool: the summary scales instead)."""
+                         per_summary: torch.Tensor, x_shape: list[int], block_size: int, rank: int,
+                         avg: bool) -> torch.Tensor:
+    """dx [B, H, n, d] in g's dtype from dS g [B*H, T, d] and W (avgpool: the summary scales instead:
+    `scale` when padded, else per_summary from `summary_tables`)."""
     B, H, n, d = x_shape
     layout = Layout.of(n, block_size, rank)
     if avg:  # the summary scales are part of the (fixed) weights: fold them into dS
         if scale is not None:
             g_in = (g.view(B, H, layout.total, d).float() * scale[:, None, :, None]).view(B * H, layout.total, d)
         else:
-            g_in = g.float() * _summary_tables(layout, g.device)[1][:, None]
+            g_in = g.float() * per_summary[:, None]
         g_op, w_op = _operand(g_in, g.dtype), None
     else:
         g_op, w_op = (g, 0, False), _operand(w_cat, g.dtype)
@@ -535,7 +544,7 @@ def summaries_grad_input(g: torch.Tensor, w_cat: Optional[torch.Tensor], scale: 
 
 
 @summaries_grad_input.register_fake
-def _(g, w_cat, scale, x_shape, block_size, rank, avg):
+def _(g, w_cat, scale, per_summary, x_shape, block_size, rank, avg):
     return g.new_empty(x_shape)
 
 
@@ -551,36 +560,35 @@ def _(x, g, block_size, rank):
 
 
 @torch.library.custom_op("fma::summaries_grad_bias", mutates_args=())
-def summaries_grad_bias(g: torch.Tensor, rows: int, n: int, block_size: int, rank: int) -> torch.Tensor:
-    """db_cat (fp32, flat [rows * d], rows = L p) from dS g [B*H, T, d]: each summary's gradient
-    summed into its row (level, r)."""
-    db = torch.zeros(rows, g.shape[2], dtype=torch.float32, device=g.device)
-    layout = Layout.of(n, block_size, rank)
-    return db.index_add_(0, _summary_tables(layout, g.device)[0], g.sum(0, dtype=torch.float32)).reshape(-1)
+def summaries_grad_bias(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """db_cat (fp32, flat [num_rows * d], num_rows = L p) from dS g [B*H, T, d]: each summary's gradient
+    summed into its row (level, r), rows from `summary_tables`."""
+    db = torch.zeros(num_rows, g.shape[2], dtype=torch.float32, device=g.device)
+    return db.index_add_(0, rows, g.sum(0, dtype=torch.float32)).reshape(-1)
 
 
 @summaries_grad_bias.register_fake
-def _(g, rows, n, block_size, rank):
-    return g.new_empty(rows * g.shape[2], dtype=torch.float32)
+def _(g, rows, num_rows):
+    return g.new_empty(num_rows * g.shape[2], dtype=torch.float32)
 
 
 def _save_for_backward(ctx, inputs, output):
-    x, w_cat, b_cat, scale, block_size, rank, avg = inputs
-    ctx.save_for_backward(x, w_cat, scale)
+    x, w_cat, b_cat, scale, rows, per_summary, block_size, rank, avg = inputs
+    ctx.save_for_backward(x, w_cat, scale, rows, per_summary)
     ctx.block_size, ctx.rank, ctx.avg = block_size, rank, avg
     ctx.bias_rows = None if b_cat is None else b_cat.shape[0] // x.shape[3]
 
 
 def _backward(ctx, grad):
-    """Per-shape tables stay inside the operators: a cached tensor would leak into compiled graphs."""
-    x, w_cat, scale = ctx.saved_tensors
+    x, w_cat, scale, rows, per_summary = ctx.saved_tensors
     B, H, n, d = x.shape
     g = grad.reshape(B * H, -1, d).to(x.dtype).contiguous()
     m, p = ctx.block_size, ctx.rank
-    dx = summaries_grad_input(g, w_cat, scale, list(x.shape), m, p, ctx.avg) if ctx.needs_input_grad[0] else None
+    dx = (summaries_grad_input(g, w_cat, scale, per_summary, list(x.shape), m, p, ctx.avg)
+          if ctx.needs_input_grad[0] else None)
     dw = summaries_grad_weight(x, g, m, p).to(w_cat.dtype) if ctx.needs_input_grad[1] else None
-    db = summaries_grad_bias(g, ctx.bias_rows, n, m, p).to(w_cat.dtype) if ctx.needs_input_grad[2] else None
-    return dx, dw, db, None, None, None, None
+    db = summaries_grad_bias(g, rows, ctx.bias_rows).to(w_cat.dtype) if ctx.needs_input_grad[2] else None
+    return dx, dw, db, None, None, None, None, None, None
 
 
 summaries_forward.register_autograd(_backward, setup_context=_save_for_backward)
@@ -615,7 +623,8 @@ def fused_summaries(
     else:
         w_cat = torch.cat([w.reshape(-1) for w in weights[:num_levels]])
         b_cat = torch.cat([b.reshape(-1) for b in biases[:num_levels]])
-    return summaries_forward(x, w_cat, b_cat, scale, block_size, rank, avg)
+    rows, per_summary = summary_tables(x.shape[2], block_size, rank, x.device)
+    return summaries_forward(x, w_cat, b_cat, scale, rows, per_summary, block_size, rank, avg)
 
 
 def split_levels(buffer: torch.Tensor, block_size: int, rank: int) -> list[torch.Tensor]:
