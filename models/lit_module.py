@@ -144,6 +144,7 @@ class LanguageModelModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
+            fused=self.device.type == "cuda",  # one kernel per step for all parameters, not one per tensor
         )
         total_steps = resolved_optim(self.optim, self.trainer.max_steps)["total_steps"]
         if total_steps is None or total_steps < 1:  # 0, or Lightning's -1 ("no limit"): a schedule without an end
