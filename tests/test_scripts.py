@@ -34,6 +34,7 @@ import benchlib  # noqa: E402
 import long_range_diagnostic  # noqa: E402
 import reproduce_tables  # noqa: E402
 import runlib  # noqa: E402
+import sweep_report  # noqa: E402
 from series import Series, UsageError, parse_series, parse_series_list  # noqa: E402
 
 needs_wikitext2 = pytest.mark.skipif(not (WIKITEXT2 / "valid.txt").exists(), reason="needs ../shared/data/wikitext-2")
@@ -139,7 +140,7 @@ def test_seeds_give_mean_and_std_and_failures_show(tmp_path):
                                   "peak_mem_gib": 1.5, "tokens_per_s": 100.0})}
     spec = runlib.SweepSpec(title="t", series=[parse_series("model=full")], lengths=[32, 64], budget=budget,
                             overrides=[], out=tmp_path)
-    table = runlib.markdown_report(spec, plan, records, "bpc")
+    table = sweep_report.markdown_report(spec, plan, records, "bpc")
     assert "| full | 1.100 ± 0.141 | OOM |" in table
     assert "failed: boom" in table and "(mean ± std over seeds)" in table
 
