@@ -11,7 +11,6 @@ work and differs only in how attention scales with length. Rows are series (scri
         "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2"
 """
 
-
 import torch
 
 import fma
