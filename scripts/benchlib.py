@@ -19,7 +19,10 @@ from omegaconf import OmegaConf
 from series import Series, UsageError, parse_series, parse_series_list
 
 # The rows every benchmark compares by default, as series (series.py): train.py's overrides, labelled.
-SERIES = ["full (flash): model=full model.attention.backend=flash",
+# Exact attention first on its fastest kernel on Hopper (cuDNN; ratios are taken against the first
+# full row), then on FlashAttention-2.
+SERIES = ["full (cuDNN): model=full model.attention.backend=cudnn",
+          "full (flash): model=full model.attention.backend=flash",
           "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2",
           "fma m=32 p=2: model=fma model.attention.block_size=32 model.attention.rank=2",
           "local w=128: model=local model.attention.window=128", "model=linear", "model=htransformer", "model=reformer"]

@@ -348,8 +348,10 @@ def test_a_killed_run_leaves_no_result_json_and_its_record_says_so(tmp_path):
     assert (run_dir / "csv" / "metrics.csv").exists() and not (run_dir / "result.json").exists()
 
 
-# Before series, the benchmarks' rows were these (kind, options), FMA's max_seq_len set to the length.
+# Before series, the benchmarks' rows were these (kind, options), FMA's max_seq_len set to the length;
+# full on cuDNN was added since.
 OLD_VARIANTS = {
+    "full (cuDNN)": ("full", {"backend": "cudnn"}),
     "full (flash)": ("full", {"backend": "flash"}),
     "fma m=64 p=2": ("fma", {"block_size": 64, "rank": 2}),
     "fma m=32 p=2": ("fma", {"block_size": 32, "rank": 2}),
@@ -366,7 +368,7 @@ def test_benchmark_rows_compose_to_the_layers_and_models_they_measured():
     args = benchlib.parse_args(bench_attention.benchmark_parser("", lengths=[256], tokens=256, tokens_help="",
                                                                 out="unused"), [])
     assert [series.label for series in args.series] == list(OLD_VARIANTS)
-    assert benchlib.model_config(args.series[2], 256)["attention"] == {
+    assert benchlib.model_config(args.series[3], 256)["attention"] == {
         "name": "fma", "block_size": 32, "rank": 2, "downsample": "groupedconv", "scale_coarse": True,
         "backend": "auto", "max_seq_len": 256}
     for series in args.series:
