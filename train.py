@@ -263,7 +263,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     status, reason = "ok", ""
     with StopOnSignal() as stop:
         try:
-            return fit_and_test(cfg, run_log, stop)
+            return fit_and_test(cfg, config, run_log, stop)
         except BaseException as error:
             status, reason = how_it_ended(error)
             raise
@@ -277,8 +277,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     temporary.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def fit_and_test(cfg: DictConfig, run_log: RunLog, stop: StopOnSignal) -> dict[str, float]:
-    """train's work; what result.json reports goes to `run_log` as it becomes known."""
+def fit_and_test(cfg: DictConfig, config: dict, run_log: RunLog, stop: StopOnSignal) -> dict[str, float]:
+    """train's work (`config`: cfg resolved, as plain data); what result.json reports goes to `run_log`
+    as it becomes known."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()  # the model's vocabulary size comes from the data (a trained BPE)
@@ -287,7 +288,7 @@ def fit_and_test(cfg: DictConfig, run_log: RunLog, stop: StopOnSignal) -> dict[s
                                   _convert_="all")
     module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=OmegaConf.to_container(cfg.optim),
                                  seed=cfg.seed, compile=cfg.compile, loss_chunk_tokens=cfg.loss_chunk_tokens,
-                                 config=OmegaConf.to_container(cfg, resolve=True))
+                                 config=config)
     run_log.parameters = parameter_counts(net)
     log.info("model: %s attention, %.2fM parameters", cfg.model.attention.name, run_log.parameters["total"] / 1e6)
     if cfg.ckpt_path:

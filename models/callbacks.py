@@ -16,8 +16,10 @@ import torch
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 
 from data.cache import atomic_path, remove_stale_temporaries
+from fma.errors import ConfigurationError
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -83,6 +85,11 @@ class LastCheckpoint(Checkpoint):
     """
 
     def __init__(self, path: str, every_n_train_steps: int):
+        if not isinstance(every_n_train_steps, int) or every_n_train_steps < 1:
+            raise ConfigurationError(
+                f"last.ckpt is saved every callbacks.last_checkpoint.every_n_train_steps={every_n_train_steps!r} steps "
+                f"(by default trainer.val_check_interval), which must be a whole number of steps, at least 1; set "
+                f"trainer.val_check_interval=<steps> or callbacks.last_checkpoint.every_n_train_steps=<steps>.")
         self.path, self.every_n_train_steps = path, every_n_train_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -171,8 +178,9 @@ class MultirunReport(HydraCallback):
         self.points: list[tuple[int, str, Path]] = []
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
-        self.points.append((config.hydra.job.num, " ".join(job_return.overrides or []),
-                            Path(config.hydra.runtime.output_dir)))
+        number = OmegaConf.select(config, "hydra.job.num", default=None)  # unset outside a multirun
+        if number is not None:
+            self.points.append((number, " ".join(job_return.overrides or []), Path(config.hydra.runtime.output_dir)))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         failed = []

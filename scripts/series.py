@@ -32,7 +32,7 @@ def override_key(override: str) -> str:
 
 
 def available_kinds() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
 
 
 @dataclasses.dataclass(frozen=True)

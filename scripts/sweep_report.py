@@ -193,6 +193,3 @@ def write_outputs(spec: "SweepSpec", plan: list[Point], records: dict[str, dict]
     except Exception as error:  # noqa: BLE001 - a plot must not end a sweep
         print(f"warning: plotting failed ({type(error).__name__}: {error})", file=sys.stderr)
     return (spec.out / "table.md").read_text()
-
-
-# --------------------------------------------------------------------------------------- the sweep

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from conftest import assert_prefix_unchanged
 from fma import ATTENTION_KINDS, ConfigurationError, build_attention
-from models import (IGNORE, AtomicCheckpointIO, CausalLM, LanguageModelMetric, LanguageModelModule, MaskedLM,
-                    TransformerLM)
+from models import (IGNORE, AtomicCheckpointIO, CausalLM, LanguageModelMetric, LanguageModelModule, LastCheckpoint,
+                    MaskedLM, TransformerLM)
 from models.lit_module import warmup_cosine
 from test_data import dead_pid
 
@@ -232,3 +232,10 @@ def test_checkpoint_folder_use_removes_temporary_files_of_dead_writers(tmp_path)
         else:
             assert io.load_checkpoint(checkpoint, weights_only=True) == {"step": 1}
         assert not stale.exists() and live.exists(), use
+
+
+@pytest.mark.parametrize("every", [0.5, 0, None])
+def test_last_checkpoint_interval_must_be_whole_steps(every):
+    """A fraction (Lightning's epoch-relative val_check_interval) would save last.ckpt at every step."""
+    with pytest.raises(ConfigurationError, match="every_n_train_steps="):
+        LastCheckpoint("last.ckpt", every)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import ConfigurationError
 from ..indexing import level_widths, padded_length
-from ..kernels import TRITON_INSTALLED
+from ..kernels import TRITON_INSTALLED, interpreted
 from .cellwise import real_counts, summarise
 
 DOWNSAMPLE_KINDS = ("groupedconv", "conv", "avgpool")
@@ -92,6 +92,12 @@ class Downsample(nn.Module):
                 f"The triton backend has no kernel for downsample={self.kind} in {x.dtype} (fused: "
                 f"{', '.join(FUSED_KINDS)} in {', '.join(str(t) for t in FUSED_DTYPES)}); set "
                 f"model.attention.backend=auto or torch, or model.attention.downsample= one of {', '.join(FUSED_KINDS)}."
+            )
+        if backend == "triton" and not (TRITON_INSTALLED and (x.is_cuda or interpreted())):
+            raise ConfigurationError(
+                f"model.attention.backend=triton runs FMA's fused kernels, which need triton and a CUDA GPU (this "
+                f"input is on {x.device}{'' if TRITON_INSTALLED else ', and triton is not installed'}); set "
+                f"model.attention.backend=auto (the kernels where they can run) or torch."
             )
         return backend
 

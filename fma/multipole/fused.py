@@ -222,7 +222,7 @@ def multipole_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 @multipole_backward.register_fake
 def _(grad_out, q, k, v, coarse_k, coarse_v, out, lse, fine_bias, coarse_bias, coarse_index, block_size, causal):
-    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape), q.new_empty((2, *coarse_k.shape))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty((2, *coarse_k.shape))
 
 
 def _save_for_backward(ctx, inputs, output):
