@@ -50,7 +50,7 @@ def load_checkpoint(ckpt_path: str) -> dict:
         raise ConfigurationError(f"ckpt_path={ckpt_path} does not exist. Point ckpt_path= at a .ckpt file "
                                  f"(a run's checkpoints/last.ckpt), or drop it to start afresh.")
     try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # read what is checked
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:   # PyTorch's message goes on to advise weights_only=False
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         raise ConfigurationError(
