@@ -7,14 +7,13 @@ and memory stay O(n * window) like the block-wise path (which the GPU tests hold
 import functools
 
 import torch
-
-
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 def sliding_window_block_mask(n: int, window: int, causal: bool, device: torch.device, compiled: bool):
-    """FlexAttention block mask of the window (never n x n); `compiled`: build it through its own
-    compiled kernel (eager callers), else as plain operations (inside a compiled model)."""
+    """FlexAttention block mask of the window; `compiled`: built through its own compiled kernel
+    (eager callers; never n x n), else as plain operations inside a compiled model, which evaluate
+    the window over all n x n pairs once per forward (open: build it from block indices instead)."""
     def visible(batch, head, query, key):
         offset = query - key
         return (offset >= 0) & (offset < window) if causal else (offset < window) & (offset > -window)
