@@ -179,9 +179,23 @@ def trainer_config(cfg: DictConfig) -> DictConfig:
             f"trainer=ddp trainer.accelerator=cpu trainer.devices=<n> for DDP on the CPU; or make a GPU visible "
             f"(CUDA_VISIBLE_DEVICES, a CUDA build of PyTorch).")
     if trainer_cfg.precision is None:
-        on_gpu = wants_gpu or (trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
-        trainer_cfg = OmegaConf.merge(trainer_cfg, {"precision": "bf16-mixed" if on_gpu else "32-true"})
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"precision": "bf16-mixed" if on_gpu(trainer_cfg) else "32-true"})
     return trainer_cfg
+
+
+def on_gpu(trainer_cfg: DictConfig) -> bool:
+    return trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
+
+
+def compile_mode(cfg: DictConfig, trainer_cfg: DictConfig) -> bool | str:
+    """cfg.compile with `auto` decided: reduce-overhead (CUDA graphs) when training on one GPU, where
+    the launch cost bounds small and mid-sized steps (benchmarks/README.md); eager elsewhere (on a CPU
+    compiling costs more than it saves in a short run; compiled multi-device training is not measured)."""
+    if cfg.compile != "auto":
+        return cfg.compile
+    devices = trainer_cfg.devices
+    one_device = devices == 1 or (OmegaConf.is_list(devices) and len(devices) == 1)
+    return "reduce-overhead" if on_gpu(trainer_cfg) and one_device and trainer_cfg.get("num_nodes", 1) == 1 else False
 
 
 def configuration_error_in(error: BaseException) -> ConfigurationError | None:
@@ -286,15 +300,17 @@ def fit_and_test(cfg: DictConfig, config: dict, run_log: RunLog, stop: StopOnSig
     objective = hydra.utils.instantiate(cfg.objective)
     net = hydra.utils.instantiate(cfg.model, vocab_size=datamodule.vocab_size, causal=objective.causal,
                                   _convert_="all")
+    trainer_cfg = trainer_config(cfg)
+    compile = compile_mode(cfg, trainer_cfg)
     module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=OmegaConf.to_container(cfg.optim),
-                                 seed=cfg.seed, compile=cfg.compile, loss_chunk_tokens=cfg.loss_chunk_tokens,
+                                 seed=cfg.seed, compile=compile, loss_chunk_tokens=cfg.loss_chunk_tokens,
                                  config=config)
     run_log.parameters = parameter_counts(net)
-    log.info("model: %s attention, %.2fM parameters", cfg.model.attention.name, run_log.parameters["total"] / 1e6)
+    log.info("model: %s attention, %.2fM parameters, compile=%s", cfg.model.attention.name,
+             run_log.parameters["total"] / 1e6, str(compile).lower())
     if cfg.ckpt_path:
         check_resume(cfg, module)
 
-    trainer_cfg = trainer_config(cfg)
     callbacks = [hydra.utils.instantiate(c) for name, c in (cfg.get("callbacks") or {}).items()
                  if name != "progress_bar" or trainer_cfg.get("enable_progress_bar", True)]
     trainer = hydra.utils.instantiate(trainer_cfg, callbacks=[*callbacks, stop],

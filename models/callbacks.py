@@ -31,22 +31,37 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs train/tokens_per_s (all processes, wall clock between consecutive steps, data loading
-    included, validation excluded) and train/peak_mem_gib."""
+    """Logs train/tokens_per_s (all processes, wall clock between the ends of consecutive steps, data
+    loading included, validation excluded) and train/peak_mem_gib.
+
+    On a GPU a step's end is a CUDA event, so its time is when the GPU finished the step, not when the
+    host had queued it (the host runs ahead, more so under CUDA graphs): each step's value is logged
+    GPU_LAG steps later, waiting for that step's event only if the GPU is that far behind."""
+
+    GPU_LAG = 2
 
     def __init__(self):
-        self._last = None
+        self._ends: list[tuple[object, int]] = []   # (end of a step: CUDA event or perf_counter, its tokens)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
-        if self._last is not None:
-            tokens = (batch["tokens"].shape[1] - 1) * batch["tokens"].shape[0] * trainer.world_size
-            pl_module.log("train/tokens_per_s", tokens / (now - self._last), prog_bar=True)
+        tokens = (batch["tokens"].shape[1] - 1) * batch["tokens"].shape[0] * trainer.world_size
+        if pl_module.device.type == "cuda":
+            end, lag = torch.cuda.Event(enable_timing=True), self.GPU_LAG
+            end.record()
+        else:
+            end, lag = time.perf_counter(), 0
+        self._ends.append((end, tokens))
+        if len(self._ends) > lag + 1:
+            (start, _), (finish, tokens) = self._ends[0], self._ends[1]
+            if lag:
+                finish.synchronize()  # elapsed_time refuses an event the GPU has not reached
+            seconds = start.elapsed_time(finish) / 1e3 if lag else finish - start
+            pl_module.log("train/tokens_per_s", tokens / seconds, prog_bar=True)
+            del self._ends[0]
         pl_module.log("train/peak_mem_gib", peak_memory_gib(pl_module.device))
-        self._last = now
 
     def on_validation_end(self, trainer, pl_module):
-        self._last = None  # do not count evaluation time as a training step
+        self._ends = []  # do not count evaluation time as a training step
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -36,17 +36,18 @@ class LanguageModelModule(L.LightningModule):
     `torch.load(weights_only=True)`). `loss_chunk_tokens` (None: off) applies the output head and
     the loss to that many tokens at a time and recomputes each chunk's logits in backward, so fp32
     logits [tokens, vocab] never exist whole: the same loss for less memory and one more head pass.
-    `compile`: False (eager), True (torch.compile the network, default mode) or "reduce-overhead"
-    (compiled and replayed as CUDA graphs, which removes the per-kernel launch cost that bounds FMA's
-    step on a GPU; benchmarks/README.md).
+    `compile`: False (eager), True (torch.compile the network and, where its shapes are fixed, the head
+    and loss; default mode) or "reduce-overhead" (compiled and replayed as CUDA graphs, which removes
+    the per-kernel launch cost that bounds FMA's step on a GPU; benchmarks/README.md).
     """
 
     def __init__(self, net: torch.nn.Module, objective, *, metric: str, optim: dict, seed: int = 0,
                  compile: bool | str = False, loss_chunk_tokens: int | None = None, config: dict | None = None):
         super().__init__()
         if compile not in (False, True, "reduce-overhead"):
-            raise ConfigurationError(f"compile={compile!r} is not a choice; set compile=false (eager), compile=true "
-                                     f"(torch.compile) or compile=reduce-overhead (compiled, as CUDA graphs).")
+            raise ConfigurationError(f"compile={compile!r} is not a choice; set compile=auto (CUDA graphs on one GPU, "
+                                     f"eager elsewhere), compile=false (eager), compile=true (torch.compile) or "
+                                     f"compile=reduce-overhead (compiled, as CUDA graphs).")
         if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
             raise ConfigurationError(f"loss_chunk_tokens={loss_chunk_tokens} must be a positive number of "
                                      f"tokens, or null to apply the head to all at once; set loss_chunk_tokens=.")
@@ -61,7 +62,10 @@ class LanguageModelModule(L.LightningModule):
         self.test_metric = LanguageModelMetric(metric)
         self.cuda_graphs = compile == "reduce-overhead"
         if compile:
-            self.net.compile(mode="reduce-overhead" if self.cuda_graphs else None)
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            self.net.compile(mode=mode)
+            if not objective.sparse_targets and loss_chunk_tokens is None:  # masked LM scores a varying count
+                self._head_nll = torch.compile(self._head_nll, mode=mode)
 
     def _features_and_targets(self, batch, generator=None):
         """Final features [tokens, dim] and targets [tokens] (IGNORE where nothing is scored): every

@@ -190,6 +190,23 @@ def test_compiled_run_trains_like_the_eager_one(tmp_path, kind, mode):
     assert all(got[step] == pytest.approx(expected[step], rel=1e-4) for step in expected)
 
 
+@pytest.mark.parametrize("compile, trainer, cuda, expected", [
+    ("auto", {"accelerator": "gpu", "devices": 1}, True, "reduce-overhead"),
+    ("auto", {"accelerator": "auto", "devices": [3]}, True, "reduce-overhead"),
+    ("auto", {"accelerator": "auto", "devices": 1}, False, False),
+    ("auto", {"accelerator": "cpu", "devices": 1}, True, False),
+    ("auto", {"accelerator": "gpu", "devices": 2}, True, False),
+    ("auto", {"accelerator": "gpu", "devices": 1, "num_nodes": 2}, True, False),
+    (True, {"accelerator": "cpu", "devices": 1}, False, True),
+    (False, {"accelerator": "gpu", "devices": 1}, True, False),
+])
+def test_compile_auto_is_cuda_graphs_on_one_gpu_only(monkeypatch, compile, trainer, cuda, expected):
+    from train import compile_mode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert compile_mode(OmegaConf.create({"compile": compile}), OmegaConf.create(trainer)) == expected
+
+
 def test_unknown_compile_mode_is_refused(tmp_path):
     with pytest.raises(ConfigurationError, match="compile=reduce-overhead"):
         train(compose_config(tmp_path, ["compile=fast"]))
