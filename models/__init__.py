@@ -5,8 +5,9 @@ from .callbacks import (AtomicCheckpointIO, ExclusiveDevice, Interrupted, LastCh
 from .lit_module import LanguageModelModule
 from .metrics import LanguageModelMetric
 from .objectives import IGNORE, CausalLM, MaskedLM
+from .profiling import KernelProfile
 from .transformer import TransformerLM
 
-__all__ = ["AtomicCheckpointIO", "ExclusiveDevice", "IGNORE", "CausalLM", "Interrupted", "LanguageModelMetric",
+__all__ = ["AtomicCheckpointIO", "ExclusiveDevice", "IGNORE", "CausalLM", "Interrupted", "KernelProfile", "LanguageModelMetric",
            "LanguageModelModule", "LastCheckpoint", "MaskedLM", "MultirunReport", "StopOnSignal", "ThroughputMonitor",
            "TransformerLM"]

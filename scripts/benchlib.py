@@ -28,8 +28,9 @@ SERIES = ["full (cuDNN): model=full model.attention.backend=cudnn",
           "local w=128: model=local model.attention.window=128", "model=linear", "model=htransformer", "model=reformer"]
 
 
-def benchmark_parser(doc: str, *, lengths: list[int], tokens: int, tokens_help: str, out: str):
-    """The arguments every benchmark takes; a script adds its own before parse_args()."""
+def benchmark_parser(doc: str, *, lengths: list[int], tokens: int, tokens_help: str, out: str, repeats: bool = True):
+    """The arguments every benchmark takes (--repeats where it times calls itself); a script adds its
+    own before parse_args()."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--series", nargs="+", default=SERIES, metavar="SERIES",
                         help="the rows: attention settings as train.py overrides, optionally after a label and "
@@ -39,7 +40,8 @@ def benchmark_parser(doc: str, *, lengths: list[int], tokens: int, tokens_help: 
     parser.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=10)
+    if repeats:
+        parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(out))
     return parser
 
@@ -125,32 +127,6 @@ def measure(step, *, warmup: int = 3, repeats: int = 10) -> dict:
     finally:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-
-
-def kernel_profile(step, *, steps: int = 3) -> tuple[dict, str]:
-    """GPU kernel time and kernel launches per call of `step` (run after `measure`'s warm-up), and a
-    markdown table of the 15 kernels with the most GPU time. A step whose wall time far exceeds its
-    kernel time is bound by the host (Python, launches), not by the GPU."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    totals: dict[str, list] = {}
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA and not event.is_user_annotation:  # kernels, copies, memsets
-            calls_and_us = totals.setdefault(event.name, [0, 0.0])
-            calls_and_us[0] += 1
-            calls_and_us[1] += event.time_range.elapsed_us()
-    busy_ms = sum(us for _, us in totals.values()) / steps / 1e3
-    summary = {"gpu_busy_ms": busy_ms, "kernels_per_step": sum(calls for calls, _ in totals.values()) / steps}
-    top = sorted(totals.items(), key=lambda item: -item[1][1])[:15]
-    table = markdown_table(["kernel", "calls per step", "ms per step", "share of GPU time"], [
-        [f"`{name[:90].replace('|', '/')}`", f"{calls / steps:g}", f"{us / steps / 1e3:.3f}",
-         f"{us / steps / 1e3 / busy_ms:.1%}"] for name, (calls, us) in top])
-    return summary, table
 
 
 def write_reports(out_dir: Path, name: str, rows: list[dict], env: dict, table_md: str) -> None:

@@ -90,24 +90,49 @@ def test_gpu_every_kind_compiles_and_matches_eager(kind, causal):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", ["full", "fma"])
-def test_gpu_train_py_with_cuda_graphs_trains_like_eager(tmp_path, kind):
-    """compile=reduce-overhead through train.py on the GPU, where CUDA graphs are made (graph trees
-    refuse, e.g., tensors cached inside an operator that outlive a replay): the losses of eager, to
-    bf16 rounding."""
+@pytest.mark.parametrize("kind, objective", [(kind, "clm") for kind in SMALL] + [("full", "mlm"), ("fma", "mlm")])
+def test_gpu_train_py_with_cuda_graphs_trains_like_eager(tmp_path, kind, objective):
+    """compile=auto on one GPU (CUDA graphs) through train.py, every kind, where graphs are made (graph
+    trees refuse, e.g., tensors cached inside an operator that outlive a replay): the losses of eager,
+    to bf16 rounding. Reformer hashes with its fixed rotations, as both runs must draw the same."""
     from conftest import compose_config, logged, read_metrics
     from train import train
 
+    options = [f"model.attention.{key}={value}" for key, value in SMALL[kind].items() if key != "max_seq_len"]
     run = ["trainer=gpu", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
-           "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"model={kind}",
+           "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", f"model={kind}", *options,
+           *(["model.attention.fresh_rotations=false"] if kind == "reformer" else []), f"objective={objective}",
            "model.dim=64", "model.depth=1", "model.num_heads=2", "model.dropout=0.0", "data.seq_len=256",
            "data.batch_size=4", "optim.warmup_steps=2", "test=false"]
-    train(compose_config(tmp_path / "eager", run, tiny=False))
-    train(compose_config(tmp_path / "graphs", [*run, "compile=reduce-overhead"], tiny=False))
+    train(compose_config(tmp_path / "eager", [*run, "compile=false"], tiny=False))
+    train(compose_config(tmp_path / "graphs", [*run, "compile=auto"], tiny=False))
     torch._dynamo.reset()
     expected, got = (logged(read_metrics(tmp_path / name / "run"), "train/loss") for name in ("eager", "graphs"))
     assert sorted(got) == sorted(expected)
     assert all(got[step] == pytest.approx(expected[step], rel=2e-2) for step in expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kernel_profile_of_a_train_py_run(tmp_path):
+    """models.KernelProfile through train.py under CUDA graphs: the steps it names, kernels that ran,
+    busy time within kernel time (their union), at least one launch per step."""
+    from conftest import compose_config
+    from train import train
+
+    path = tmp_path / "profile.json"
+    train(compose_config(tmp_path, ["trainer=gpu", "trainer.max_steps=8", "trainer.enable_progress_bar=false",
+                                    "model=fma", "model.dim=64", "model.depth=1", "model.num_heads=2",
+                                    "data.seq_len=256", "data.batch_size=4", "test=false",
+                                    "+callbacks.kernel_profile._target_=models.KernelProfile",
+                                    f"+callbacks.kernel_profile.path={path}", "+callbacks.kernel_profile.start_step=3",
+                                    "+callbacks.kernel_profile.steps=4"], tiny=False))
+    torch._dynamo.reset()
+    profile = json.loads(path.read_text())
+    summary = profile["summary"]
+    assert summary["steps"] == [4, 7] and summary["kernels"] > 0 and summary["launches"] >= 1
+    assert 0 < summary["gpu_busy_ms"] <= summary["kernel_ms"] + 1e-9 < summary["profiled_wall_ms"] * 4
+    assert sum(k["ms"] for k in profile["kernels"]) == pytest.approx(summary["kernel_ms"])
+    assert path.with_suffix(".md").read_text().startswith("Steps 4-7:")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpreter"]:

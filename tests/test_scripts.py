@@ -21,7 +21,7 @@ import torch
 
 import fma
 from conftest import ROOT
-from models import ExclusiveDevice, TransformerLM
+from models import ExclusiveDevice
 
 SCRIPTS = ROOT / "scripts"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -379,15 +379,30 @@ def test_benchmark_rows_compose_to_the_layers_and_models_they_measured():
         torch.manual_seed(0)
         old_layer = fma.build_attention(kind, dim=32, num_heads=2, causal=True, **options)
         assert type(layer) is type(old_layer) and same_parameters(layer, old_layer), series.label
-        torch.manual_seed(0)
-        model = bench_train.train_model(series, 256, depth=1, dim=32, heads=2)
-        torch.manual_seed(0)
-        old_model = TransformerLM(vocab_size=256, causal=True, dim=32, depth=1, num_heads=2, dropout=0.0,
-                                  attention={"name": kind, **options})
-        assert same_parameters(model, old_model) and model.blocks[0].mlp.dropout.p == 0.0, series.label
     with pytest.raises(SystemExit):   # a bad row is a usage error
         benchlib.parse_args(bench_attention.benchmark_parser("", lengths=[256], tokens=256, tokens_help="",
                                                              out="unused"), ["--series", "fma:m=64,p=2"])
+
+
+@pytest.mark.parametrize("kind", ["full", "fma"])
+def test_bench_train_runs_train_py_and_reports_its_result(tmp_path, kind):
+    """A bench_train point is train.py with the point's overrides (here on the CPU): it trains its steps
+    and nothing else, and its row holds result.json's tokens/s with the FLOPs counted by hand: d = 32, one
+    layer, MLP ratio 4, 256 byte symbols: 6 (12 d^2 + 256 d) per token, plus 6 n d for full attention."""
+    overrides = bench_train.point_overrides(
+        parse_series(f"model={kind}"), 64, 2, ["model.depth=1", "model.dim=32", "model.num_heads=2"], "auto",
+        data=None, steps=12, profile=tmp_path / "profile.json")
+    result, command = bench_train.run_point([o.replace("trainer=gpu", "trainer=cpu") for o in overrides],
+                                            tmp_path / "run")
+    assert (result["status"], result["steps"]) == ("ok", 12) and result["metrics"] == {}
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "profile.json").exists()
+    row = bench_train.row_of(result, kind, parse_series(f"model={kind}"), "auto", 64, 2, tmp_path / "profile.json",
+                             command)
+    dense = 6 * (12 * 32 * 32 + 256 * 32)
+    assert row["tokens_per_s"] == result["tokens_per_s"] > 0
+    assert row["dense_mfu"] == pytest.approx(dense * row["tokens_per_s"] / 989e12, rel=1e-9)
+    assert row["mfu"] == (pytest.approx((dense + 6 * 64 * 32) * row["tokens_per_s"] / 989e12, rel=1e-9)
+                          if kind == "full" else None)
 
 
 def same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> bool:
