@@ -141,6 +141,23 @@ class LanguageModelModule(L.LightningModule):
     def on_test_epoch_end(self):
         self._log_metric(self.test_metric, "test")
 
+    @property
+    def fused_optimizer(self) -> bool:
+        """AdamW as one kernel per step for all parameters (not one per tensor): on a GPU, unless fp16's loss
+        scaler is in use, whose scaled gradients a fused optimizer unscales only inside its step."""
+        return self.device.type == "cuda" and getattr(self.trainer.precision_plugin, "scaler", None) is None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning refuses to clip for a fused optimizer (its gradients could be loss-scaled); ours is
+        fused only where they are not (bf16, fp32), so it is clipped here, as Lightning clips the others."""
+        if not gradient_clip_val or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+
     def configure_optimizers(self):
         # No weight decay on biases, norms and positions-free vectors (nanoGPT's rule: decay matrices only).
         decay = [p for p in self.net.parameters() if p.requires_grad and p.dim() >= 2]
@@ -148,7 +165,7 @@ class LanguageModelModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim["lr"], betas=tuple(self.optim["betas"]),
-            fused=self.device.type == "cuda",  # one kernel per step for all parameters, not one per tensor
+            fused=self.fused_optimizer,
         )
         total_steps = resolved_optim(self.optim, self.trainer.max_steps)["total_steps"]
         if total_steps is None or total_steps < 1:  # 0, or Lightning's -1 ("no limit"): a schedule without an end

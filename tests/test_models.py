@@ -192,6 +192,22 @@ def test_module_loss_and_metric_match_cross_entropy_over_all_logits(objective, l
     torch.testing.assert_close(values["acc"].double(), accuracy, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_optimizer_is_clipped_like_lightning_clips_the_others(algorithm):
+    """Lightning refuses to clip for fused AdamW; the module clips it itself: by norm, the gradients scaled
+    to total norm 0.5 (from 13: 3, 4 and 12), by value each one clamped to +-0.5."""
+    module = LanguageModelModule(tiny_lm("full", causal=True), CausalLM(), metric="ppl", optim={})
+    parameters = list(module.parameters())
+    for parameter in parameters:
+        parameter.grad = torch.zeros_like(parameter)
+    parameters[0].grad.view(-1)[:2] = torch.tensor([3.0, -4.0])
+    parameters[1].grad.view(-1)[0] = 12.0
+    expected = [p.grad * 0.5 / 13 if algorithm == "norm" else p.grad.clamp(-0.5, 0.5) for p in parameters]
+    module.configure_gradient_clipping(torch.optim.AdamW(parameters, fused=True), 0.5, algorithm)
+    for parameter, grad in zip(parameters, expected):
+        torch.testing.assert_close(parameter.grad, grad, rtol=1e-6, atol=0)
+
+
 def test_loss_chunk_tokens_must_be_positive():
     with pytest.raises(ConfigurationError, match="loss_chunk_tokens="):
         LanguageModelModule(tiny_lm("full", causal=True), CausalLM(), metric="bpc", optim={}, loss_chunk_tokens=0)
