@@ -36,7 +36,8 @@ class ThroughputMonitor(L.Callback):
 
     On a GPU a step's end is a CUDA event, so its time is when the GPU finished the step, not when the
     host had queued it (the host runs ahead, more so under CUDA graphs): each step's value is logged
-    GPU_LAG steps later, waiting for that step's event only if the GPU is that far behind."""
+    GPU_LAG steps later, waiting for that step's event only if the GPU is that far behind. Values are
+    logged as CPU tensors: Lightning would copy a number to the GPU, a copy that waits for the GPU."""
 
     GPU_LAG = 2
 
@@ -56,9 +57,9 @@ class ThroughputMonitor(L.Callback):
             if lag:
                 finish.synchronize()  # elapsed_time refuses an event the GPU has not reached
             seconds = start.elapsed_time(finish) / 1e3 if lag else finish - start
-            pl_module.log("train/tokens_per_s", tokens / seconds, prog_bar=True)
+            pl_module.log("train/tokens_per_s", torch.tensor(tokens / seconds), prog_bar=True)
             del self._ends[0]
-        pl_module.log("train/peak_mem_gib", peak_memory_gib(pl_module.device))
+        pl_module.log("train/peak_mem_gib", torch.tensor(peak_memory_gib(pl_module.device)))
 
     def on_validation_end(self, trainer, pl_module):
         self._ends = []  # do not count evaluation time as a training step

@@ -113,6 +113,36 @@ def test_gpu_train_py_with_cuda_graphs_trains_like_eager(tmp_path, kind, objecti
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_train_py_steps_never_wait_for_the_gpu(tmp_path):
+    """Steps 4-6 of train.py on one GPU (CUDA graphs, fused AdamW, clipping, the callbacks, logging off
+    those steps) run under torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises (a
+    copy from pageable memory, .item(), a number logged to the GPU)."""
+    from conftest import compose_config
+    from train import train
+
+    cfg = compose_config(tmp_path, ["trainer=gpu", "trainer.max_steps=8", "trainer.log_every_n_steps=50",
+                                    "trainer.val_check_interval=50", "trainer.enable_progress_bar=false",
+                                    "model=fma", "model.dim=64", "model.depth=1", "model.num_heads=2",
+                                    "data.seq_len=256", "data.batch_size=4", "test=false",
+                                    "+callbacks.no_sync._target_=test_compiled_vs_eager.no_sync_window"], tiny=False)
+    try:
+        train(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch._dynamo.reset()
+
+
+def no_sync_window():
+    import lightning as L
+
+    class Window(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            torch.cuda.set_sync_debug_mode("error" if 3 <= trainer.global_step < 6 else "default")
+
+    return Window()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_kernel_profile_of_a_train_py_run(tmp_path):
     """models.KernelProfile through train.py under CUDA graphs: the steps it names, kernels that ran,
     busy time within kernel time (their union), at least one launch per step."""
