@@ -1,6 +1,6 @@
-"""Throughput and memory in the logs and the progress bar; crash-safe checkpoint writing; last.ckpt
-and a clean stop on SIGTERM/SIGINT; taking turns on a shared GPU; and one Hydra callback, the
-report that ends a multirun."""
+"""Throughput and memory in the logs and the progress bar (which shows the loss without a host sync
+per step); crash-safe checkpoint writing; last.ckpt and a clean stop on SIGTERM/SIGINT; taking turns
+on a shared GPU; and one Hydra callback, the report that ends a multirun."""
 
 import fcntl
 import json
@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.experimental.callback import Callback as HydraCallback
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
@@ -63,6 +63,18 @@ class ThroughputMonitor(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         self._ends = []  # do not count evaluation time as a training step
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, with train/loss read from the GPU only when the bar redraws (every refresh_rate
+    steps): logged with prog_bar=True, Lightning would read it at every step, a host sync per step."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            metrics["train/loss"] = f"{loss.item():.4g}"
+        return metrics
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -108,7 +108,7 @@ class LanguageModelModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         features, targets = self._features_and_targets(batch)
         loss = self._nll_sum(features, targets) / (targets != IGNORE).sum().clamp(min=1)  # a batch may score nothing
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # shown by models.ProgressBar: prog_bar=True would read it every step
         return loss
 
     def _eval_step(self, batch, batch_idx, metric):
