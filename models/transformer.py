@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fma import build_attention
 
@@ -60,12 +61,15 @@ class TransformerLM(nn.Module):
     The embedding has one extra row, id `vocab_size` (`mask_token_id`), reserved for masked LM, so
     checkpoints have the same shapes for both objectives. The output head is tied to the first
     `vocab_size` rows. `attention` is `{"name": kind, **options}` for `fma.build_attention`.
+    `checkpoint_blocks`: in training, each block's activations are recomputed in backward rather than
+    stored, so that memory holds one block's activations and every block's input: what lets a step of
+    a million tokens fit on one GPU.
     """
 
     def __init__(self, *, vocab_size: int, causal: bool, attention: dict, dim: int = 256, depth: int = 4,
-                 num_heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.1):
+                 num_heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.1, checkpoint_blocks: bool = False):
         super().__init__()
-        self.vocab_size, self.dim = vocab_size, dim
+        self.vocab_size, self.dim, self.checkpoint_blocks = vocab_size, dim, checkpoint_blocks
         self.mask_token_id = vocab_size
         self.embedding = nn.Embedding(vocab_size + 1, dim)
         self.embedding_dropout = nn.Dropout(dropout)
@@ -99,7 +103,8 @@ class TransformerLM(nn.Module):
         x = self.embedding(tokens) + positions.to(self.embedding.weight.dtype)
         x = self.embedding_dropout(x)
         for block in self.blocks:
-            x = block(x)
+            # non-reentrant checkpointing replays the block's dropout masks (it restores the RNG state)
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and self.training else block(x)
         x = self.final_norm(x)
         return self.head(x) if head else x
 
