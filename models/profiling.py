@@ -53,6 +53,17 @@ def kernel_summary(prof, steps: int) -> tuple[dict, list[dict]]:
     return summary, kernels
 
 
+def profile_calls(step, calls: int = 3) -> tuple[dict, list[dict]]:
+    """kernel_summary of `calls` calls of `step` (after its warm-up) on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    return kernel_summary(prof, calls)
+
+
 def kernel_table(kernels: list[dict], busy_ms: float, top: int = 15) -> str:
     """Markdown table of the `top` kernels with the most GPU time per step."""
     lines = ["| kernel | calls per step | ms per step | share of GPU time |", "|---|---:|---:|---:|"]

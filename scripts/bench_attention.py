@@ -9,11 +9,16 @@ work and differs only in how attention scales with length. Rows are series (scri
     python scripts/bench_attention.py --lengths 1024 65536 \\
         --series "full (flash): model=full model.attention.backend=flash" \\
         "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2"
+
+--compile times every layer through torch.compile (compiled against compiled; FMA's kernels are
+registered operators). --profile also counts each layer's GPU kernels and host launches per
+forward+backward (torch.profiler): what CUDA graphs save where the host bounds a step.
 """
 
 import torch
 
 import fma
+from models.profiling import profile_calls
 from benchlib import (benchmark_parser, environment, length_table, measure, model_config, parse_args,
                       plot_against_length, require_cuda, write_reports)
 from series import Series
@@ -25,16 +30,19 @@ def attention_layer(series: Series, seq_len: int, dim: int, heads: int, causal: 
     return fma.build_attention(options.pop("name"), dim=dim, num_heads=heads, causal=causal, **options)
 
 
-def layer_step(series: Series, seq_len: int, batch: int, dim: int, heads: int, causal: bool):
-    """A closure running one forward+backward of a fresh layer on fresh random bf16 input."""
+def layer_step(series: Series, seq_len: int, batch: int, dim: int, heads: int, causal: bool, compile: bool = False):
+    """A closure running one forward+backward of a fresh layer (through torch.compile if `compile`) on
+    fresh random bf16 input."""
     layer = attention_layer(series, seq_len, dim, heads, causal).to(device="cuda", dtype=torch.bfloat16)
     x = torch.randn(batch, seq_len, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
+    torch._dynamo.reset()  # a fresh layer per point: no pile-up of recompilations
+    forward = torch.compile(layer) if compile else layer
 
     def step():
         x.grad = None
         layer.zero_grad(set_to_none=True)
-        layer(x).backward(grad)
+        forward(x).backward(grad)
 
     return step
 
@@ -43,6 +51,8 @@ def main():
     parser = benchmark_parser(__doc__, lengths=[2**k for k in range(10, 18)], tokens=131072,
                               tokens_help="tokens per batch (batch = tokens / length)", out="benchmarks/attention")
     parser.add_argument("--bidirectional", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="time every layer through torch.compile")
+    parser.add_argument("--profile", action="store_true", help="also count kernels and launches per fwd+bwd")
     args = parse_args(parser)
     require_cuda("bench_attention.py")
     env = environment()
@@ -51,23 +61,30 @@ def main():
         batch = max(1, args.tokens // seq_len)
         for series in args.series:
             try:
-                step = layer_step(series, seq_len, batch, args.dim, args.heads, not args.bidirectional)
+                step = layer_step(series, seq_len, batch, args.dim, args.heads, not args.bidirectional, args.compile)
                 result = measure(step, repeats=args.repeats)
             except torch.OutOfMemoryError:
                 result = {"error": "OOM"}
             row = {"variant": series.label, "kind": series.kind, "overrides": " ".join(series.overrides),
                    "seq_len": seq_len, "batch": batch, "ms": result.get("ms"), "peak_gib": result.get("peak_gib"),
                    "error": result.get("error", "")}
+            if args.profile and row["ms"]:
+                summary, _ = profile_calls(step)
+                row.update(kernel_ms=summary["kernel_ms"], kernels=summary["kernels"], launches=summary["launches"])
             rows.append(row)
             shown = f"{row['ms']:.2f} ms, {row['peak_gib']:.2f} GiB" if row["ms"] else row["error"]
             print(f"{seq_len:>7} x{batch:<4} {series.label:<16} {shown}", flush=True)
 
     name = "causal" if not args.bidirectional else "bidirectional"
     env["setting"] = (f"{name}, bf16, {args.heads} heads, head dim {args.dim // args.heads}, {args.tokens} tokens "
-                      f"per batch, fwd+bwd of one layer incl. projections, median of {args.repeats} CUDA-event timings")
+                      f"per batch, fwd+bwd of one layer incl. projections{', torch.compile' if args.compile else ''}, "
+                      f"median of {args.repeats} CUDA-event timings")
     labels = [series.label for series in args.series]
     table = "### time (ms, fwd+bwd)\n\n" + length_table(rows, labels, "ms", "{:.2f}")
     table += "\n\n### peak memory (GiB)\n\n" + length_table(rows, labels, "peak_gib", "{:.2f}")
+    if args.profile:
+        table += "\n\n### host launches per fwd+bwd\n\n" + length_table(
+            [{"launches": None, **row} for row in rows], labels, "launches", "{:,.0f}")
     full = next((series.label for series in args.series if series.kind == "full"), None)
     if full:
         full_ms = {row["seq_len"]: row["ms"] for row in rows if row["variant"] == full}
