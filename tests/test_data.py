@@ -100,14 +100,24 @@ def failure(module_class, tmp_path: Path, **settings) -> str:
     return str(raised.value)
 
 
-def fake_trainer(global_step=0, accumulate_grad_batches=1, global_rank=0, world_size=1) -> SimpleNamespace:
+def fake_trainer(global_step=0, accumulate_grad_batches=1, global_rank=0, world_size=1, device="cpu") -> SimpleNamespace:
     """The trainer attributes `train_dataloader` reads."""
     return SimpleNamespace(
         global_step=global_step,
         accumulate_grad_batches=accumulate_grad_batches,
         global_rank=global_rank,
         world_size=world_size,
+        strategy=SimpleNamespace(root_device=torch.device(device)),
     )
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
+def test_batches_are_pinned_for_a_gpu(device, pinned):
+    """A copy from pageable memory to the GPU waits for the GPU's queue: every loader pins for a GPU."""
+    dm = SyntheticDataModule(seq_len=16, batch_size=2)
+    dm.prepare_data()
+    dm.trainer = fake_trainer(device=device)
+    assert [loader.pin_memory for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader())] == [pinned] * 3
 
 
 # ---------------------------------------------------------------- enwik8 splits
