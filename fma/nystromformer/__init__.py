@@ -1,0 +1,5 @@
+"""Nyströmformer attention: reference (`naive.py`), landmark path (`landmark.py`), layer."""
+
+from .layer import NystromAttention
+
+__all__ = ["NystromAttention"]
