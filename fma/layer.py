@@ -13,8 +13,11 @@ class AttentionLayer(nn.Module):
     `padding_mask` is True at padded positions: no query attends to them, and their own outputs
     are unspecified (finite). Subclasses implement `attend(q, k, v, padding_mask)` on
     `[batch, heads, seq, head_dim]` tensors; that keeps projections identical across kinds, so a
-    comparison measures the attention and nothing else.
+    comparison measures the attention and nothing else. A kind without a causal form (its keys mix
+    every position) sets `has_causal_form = False` and refuses causal=True with its reason.
     """
+
+    has_causal_form = True
 
     def __init__(self, *, dim: int, num_heads: int, causal: bool):
         super().__init__()

@@ -18,9 +18,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 # Options that give each kind several blocks, chunks, buckets or levels at length 40.
 SMALL_OPTIONS = {
+    "fastmax": {"chunk_size": 4},
     "htransformer": {"block_size": 4},
     "linear": {"chunk_size": 4},
+    "linformer": {"k": 8, "max_seq_len": 40},
     "local": {"window": 5},
+    "nystromformer": {"num_landmarks": 4, "conv_kernel_size": 3},
     "reformer": {"n_hashes": 3, "n_buckets": 4, "chunk_size": 4},
 }
 

@@ -1,4 +1,4 @@
-"""Properties every baseline kind (local, linear, reformer, htransformer) must have as a layer: causality,
+"""Properties every baseline kind must have as a layer: causality (where it has a causal form),
 exactness on short sequences, its config file, clear errors, half precision.
 
 Each kind's fast path against its plain reference: tests/test_<kind>_<path>_vs_naive.py. Whole-model
@@ -15,12 +15,13 @@ from conftest import assert_prefix_unchanged, compose_config
 from fma import ATTENTION_KINDS, ConfigurationError, build_attention
 from fma.htransformer.blockwise import num_levels
 
-BASELINES = ["htransformer", "linear", "local", "reformer"]
+BASELINES = ["fastmax", "htransformer", "linear", "linformer", "local", "nystromformer", "reformer"]
+CAUSAL_BASELINES = [kind for kind in BASELINES if ATTENTION_KINDS[kind].has_causal_form]
 
 # Causality -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", BASELINES)
+@pytest.mark.parametrize("kind", CAUSAL_BASELINES)
 def test_layer_is_causal_and_prefix_invariant(kind):
     """Output t has exactly zero gradient with respect to inputs after t, and changing the inputs after
     t leaves outputs up to t unchanged (bitwise; Reformer to rounding, see assert_prefix_unchanged)."""
@@ -102,9 +103,13 @@ def test_model_config_builds_kind_with_its_defaults(kind, tmp_path):
     assert options.pop("name") == kind
     signature = inspect.signature(ATTENTION_KINDS[kind].__init__).parameters
     defaults = {name: p.default for name, p in signature.items() if name not in ("self", "dim", "num_heads", "causal")}
+    if "max_seq_len" in options:  # the longest input is the data's length, not the constructor's default
+        assert options["max_seq_len"] == config.data.seq_len
+        defaults["max_seq_len"] = config.data.seq_len
     assert options == defaults
-    layer = build_attention(kind, dim=config.model.dim, num_heads=config.model.num_heads, causal=True, **options)
-    x = torch.randn(1, 50, config.model.dim)
+    layer = build_attention(kind, dim=config.model.dim, num_heads=config.model.num_heads,
+                            causal=ATTENTION_KINDS[kind].has_causal_form, **options)
+    x = torch.randn(1, config.data.seq_len, config.model.dim)
     assert layer(x).shape == x.shape
 
 
@@ -129,7 +134,7 @@ def test_half_precision_layers_are_finite_and_close_to_fp32(kind, dtype):
     scores are upcast). Reformer uses one bucket here: near-ties in the hash flip between precisions."""
     options = {**SMALL_OPTIONS[kind], "n_buckets": 1} if kind == "reformer" else SMALL_OPTIONS[kind]
     torch.manual_seed(0)
-    layer = build_attention(kind, dim=16, num_heads=2, causal=True, **options).eval()
+    layer = build_attention(kind, dim=16, num_heads=2, causal=ATTENTION_KINDS[kind].has_causal_form, **options).eval()
     x = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(8))
     expected = layer(x)
     out = layer.to(dtype)(x.to(dtype))
@@ -141,4 +146,4 @@ def test_half_precision_layers_are_finite_and_close_to_fp32(kind, dtype):
 @pytest.mark.parametrize("dim, num_heads", [(65, 4), (64, 0), (0, 4)])
 def test_heads_that_do_not_split_the_width_are_refused(kind, dim, num_heads):
     with pytest.raises(ConfigurationError, match="model.num_heads="):
-        build_attention(kind, dim=dim, num_heads=num_heads, causal=True)
+        build_attention(kind, dim=dim, num_heads=num_heads, causal=ATTENTION_KINDS[kind].has_causal_form)

@@ -143,7 +143,6 @@ def test_causal_is_refused():
 
 @pytest.mark.parametrize("options, key", [
     ({"k": 0}, "model.attention.k="),
-    ({"k": 17, "max_seq_len": 16}, "model.attention.k="),
     ({"max_seq_len": 0}, "model.attention.max_seq_len="),
     ({"sharing": "layerwise"}, "model.attention.sharing="),
     ({"sharing": "none"}, "model.attention.sharing="),

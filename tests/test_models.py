@@ -15,9 +15,13 @@ from models import (IGNORE, AtomicCheckpointIO, CausalLM, LanguageModelMetric, L
 from models.lit_module import warmup_cosine
 from test_data import dead_pid
 
-CAUSAL_KINDS = sorted(ATTENTION_KINDS)
+ALL_KINDS = sorted(ATTENTION_KINDS)
+CAUSAL_KINDS = [kind for kind in ALL_KINDS if ATTENTION_KINDS[kind].has_causal_form]
 # Small options that give every kind a multi-level structure at the test lengths.
 KIND_OPTIONS = {
+    "fastmax": {"chunk_size": 8},
+    "linformer": {"k": 8, "max_seq_len": 64},
+    "nystromformer": {"num_landmarks": 4, "conv_kernel_size": 3},
     "fma": {"block_size": 4, "rank": 2, "max_seq_len": 64},
     "reformer": {"n_hashes": 4, "n_buckets": 4, "chunk_size": 8, "fresh_rotations": False},
     "linear": {"chunk_size": 8},
@@ -137,8 +141,8 @@ def test_whole_model_is_causal(kind):
     assert x.grad[0, : t + 1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kind, causal", [(kind, causal) for kind in ALL_KINDS for causal in (True, False)
+                                          if kind in CAUSAL_KINDS or not causal])
 def test_padding_mask_hides_padded_keys(kind, causal):
     """Outputs at real positions equal those of the sequence without its (right) padding."""
     torch.manual_seed(0)
@@ -153,6 +157,12 @@ def test_padding_mask_hides_padded_keys(kind, causal):
     assert torch.isfinite(layer(x, padding_mask)).all()
 
 
+@pytest.mark.parametrize("kind", sorted(set(ALL_KINDS) - set(CAUSAL_KINDS)))
+def test_kinds_without_a_causal_form_refuse_causal(kind):
+    with pytest.raises(ConfigurationError, match="objective=mlm"):
+        build_attention(kind, dim=32, num_heads=4, causal=True, **KIND_OPTIONS.get(kind, {}))
+
+
 def test_full_layer_matches_softmax_formula():
     torch.manual_seed(0)
     layer = build_attention("full", dim=16, num_heads=2, causal=True).double()
@@ -164,8 +174,9 @@ def test_full_layer_matches_softmax_formula():
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", CAUSAL_KINDS)
-@pytest.mark.parametrize("objective", [CausalLM(), MaskedLM(mask_prob=0.3)])
+@pytest.mark.parametrize("kind, objective", [(kind, objective) for kind in ALL_KINDS
+                                              for objective in (CausalLM(), MaskedLM(mask_prob=0.3))
+                                              if kind in CAUSAL_KINDS or not objective.causal])
 def test_tiny_model_overfits_one_batch(kind, objective):
     """A few hundred Adam steps on one fixed batch drive the loss far below chance (ln 11 = 2.40)."""
     torch.manual_seed(0)

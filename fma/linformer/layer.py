@@ -20,11 +20,13 @@ SHARING = ("headwise", "key-value")
 class LinformerAttention(AttentionLayer):
     """Softmax attention to k learned projections of the keys and values along the sequence.
 
-    k: projected length (rows of E and F). max_seq_len: the longest input (columns of E and F); a
+    k: projected length (rows of E and F; k >= n compresses nothing). max_seq_len: the longest input (columns of E and F); a
     shorter one uses the first n columns. sharing: "headwise" (separate E and F, the official code's
     default) or "key-value" (E = F). E and F start as the official code's: xavier uniform with gain
     1/sqrt(2). Bidirectional only.
     """
+
+    has_causal_form = False
 
     def __init__(self, *, dim: int, num_heads: int, causal: bool, k: int = 256, max_seq_len: int = 4096,
                  sharing: str = "headwise"):
@@ -37,11 +39,9 @@ class LinformerAttention(AttentionLayer):
             )
         if max_seq_len < 1:
             raise ConfigurationError(f"max_seq_len={max_seq_len} must be at least 1; set model.attention.max_seq_len=.")
-        if not 1 <= k <= max_seq_len:
-            raise ConfigurationError(
-                f"k={k} must be between 1 and max_seq_len={max_seq_len} (more projected keys than positions "
-                f"compress nothing); set model.attention.k=, e.g. model.attention.k={max(1, max_seq_len // 4)}."
-            )
+        if k < 1:
+            raise ConfigurationError(f"k={k} must be at least 1 (projected keys); set model.attention.k=, e.g. "
+                                     f"model.attention.k={max(1, max_seq_len // 4)}.")
         if sharing not in SHARING:
             raise ConfigurationError(
                 f"Unknown Linformer sharing {sharing!r}; use model.attention.sharing= one of {', '.join(SHARING)}."
