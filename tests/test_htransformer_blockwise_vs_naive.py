@@ -1,11 +1,13 @@
 """H-Transformer-1D's block-wise path (fma/htransformer/blockwise.py) against the per-query loop over
-explicit coverage lists (fma/htransformer/naive.py), and against exact attention where averaging is exact."""
+explicit coverage lists (fma/htransformer/naive.py), and against exact attention where averaging is exact;
+its causal layer, which runs FMA's path with an averaging basis, against the block-wise path."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attention_testing import assert_same_outputs_and_gradients, padding, random_qkv
+from fma import build_attention
 from fma.htransformer.blockwise import hierarchical_attention, num_levels
 from fma.htransformer.naive import coverage, hierarchical_attention_reference
 
@@ -47,3 +49,62 @@ def test_htransformer_covers_each_key_exactly_once(causal, n, block_size):
         assert tokens == list(range(i + 1 if causal else n))
         block = i // block_size
         assert {(0, j) for j in range(max(0, (block - 1) * block_size), block * block_size)} <= set(entries)
+
+
+@pytest.mark.parametrize("n, block_size, real", [(37, 4, 37), (29, 2, 24), (40, 6, 33), (100, 8, 91), (256, 16, 256),
+                                                 (9, 4, 9), (16, 8, 12)])
+def test_causal_htransformer_is_fma_with_an_averaging_basis(n, block_size, real):
+    """The causal layer (FMA's path: m = Nr, p = Nr/2 means of 2^l tokens, count-weighted) equals the
+    block-wise H-Transformer-1D on the same projections, outputs and input gradients, padding included;
+    short sequences (no coarse level) too."""
+    torch.manual_seed(0)
+    layer = build_attention("htransformer", dim=16, num_heads=2, causal=True, block_size=block_size).double()
+    mask = padding(2, n, real)
+
+    def blockwise(x):
+        q, k, v = layer.project(x)
+        out = hierarchical_attention(q, k, v, block_size=block_size, causal=True, padding_mask=mask)
+        return layer.proj(out.transpose(1, 2).reshape(x.shape))
+
+    x = torch.randn(2, n, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out, expected = layer(x, mask), blockwise(x)
+    torch.testing.assert_close(out[:, :real], expected[:, :real], rtol=1e-10, atol=1e-10)
+    direction = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))
+    direction[:, real:] = 0
+    grad, = torch.autograd.grad((out * direction).sum(), x)
+    expected_grad, = torch.autograd.grad((expected * direction).sum(), x)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)])
+def test_gpu_causal_htransformer_runs_fma_kernels_like_the_float64_blockwise_path(monkeypatch, dtype, tolerance):
+    """On CUDA the causal layer takes FMA's fused kernels (block_size 16: p = 8) and matches the float64
+    block-wise path, outputs and input gradients (fp32 without TF32)."""
+    import fma.multipole.layer as multipole_layer
+    from attention_testing import relative_error
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    calls, supports = [], multipole_layer.triton_supports
+    monkeypatch.setattr(multipole_layer, "triton_supports", lambda q, m: calls.append(supports(q, m)) or calls[-1])
+    torch.manual_seed(0)
+    layer = build_attention("htransformer", dim=128, num_heads=2, causal=True, block_size=16).cuda()
+    x = torch.randn(2, 1000, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    mask = padding(2, 1000, 950).cuda()
+
+    def run(module, inputs, blockwise):
+        inputs = inputs.detach().requires_grad_()
+        if blockwise:
+            q, k, v = module.project(inputs)
+            out = hierarchical_attention(q, k, v, block_size=16, causal=True, padding_mask=mask)
+            out = module.proj(out.transpose(1, 2).reshape(inputs.shape))
+        else:
+            out = module(inputs, mask)
+        out = out[:, :950]
+        return out, torch.autograd.grad(out.float().square().sum(), inputs)[0]
+
+    got = run(layer.to(dtype), x.to(dtype), blockwise=False)
+    assert calls and all(calls)   # the fused kernels ran
+    expected = run(layer.double(), x.double(), blockwise=True)
+    for a, e in zip(got, expected):
+        assert relative_error(a, e) <= tolerance

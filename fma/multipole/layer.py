@@ -79,30 +79,41 @@ class FastMultipoleAttention(AttentionLayer):
 
     def resolved_backend(self, q: torch.Tensor) -> str:
         """The attention's backend for q: "auto" takes triton wherever the kernels support q."""
-        if self.backend != "auto":
-            return self.backend
-        return "triton" if triton_supports(q, self.block_size) else "torch"
+        return resolved_backend(self.backend, q, self.block_size)
 
     def attend(self, q, k, v, padding_mask):
         """q, k, v [batch, heads, n, d], padding_mask [batch, n] (True = pad) or None -> [batch, heads, n, d]."""
-        batch, _, n, _ = q.shape
+        n = q.shape[2]
         if n > self.max_seq_len:
             raise ConfigurationError(
                 f"Sequence length {n} exceeds the FMA layer's max_seq_len={self.max_seq_len} (learned "
                 f"summaries exist only for the levels up to it); lower data.seq_len= or raise "
                 f"model.attention.max_seq_len=."
             )
-        valid = padded_length(n, self.block_size)
-        if valid != n or padding_mask is not None:
-            if padding_mask is None:
-                padding_mask = torch.zeros(batch, n, dtype=torch.bool, device=q.device)
-            padding_mask = F.pad(padding_mask, (0, valid - n), value=True)
-            q, k, v = (F.pad(x, (0, 0, 0, valid - n)) for x in (q, k, v))
-        coarse_k, coarse_counts = self.key_downsample(k, padding_mask, backend=self.backend)
-        coarse_v, _ = self.value_downsample(v, padding_mask, backend=self.backend)
-        out = multipole_attention(
-            q, k, v, coarse_k, coarse_v, block_size=self.block_size, causal=self.causal,
-            scale_coarse=self.scale_coarse, key_padding_mask=padding_mask, coarse_counts=coarse_counts,
-            backend=self.resolved_backend(q),
-        )
-        return out[:, :, :n]
+        return summarised_attention(q, k, v, padding_mask, key_downsample=self.key_downsample,
+                                    value_downsample=self.value_downsample, block_size=self.block_size,
+                                    causal=self.causal, scale_coarse=self.scale_coarse, backend=self.backend)
+
+
+def resolved_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
+    return ("triton" if triton_supports(q, block_size) else "torch") if backend == "auto" else backend
+
+
+def summarised_attention(q, k, v, padding_mask, *, key_downsample: Downsample, value_downsample: Downsample,
+                         block_size: int, causal: bool, scale_coarse: bool, backend: str) -> torch.Tensor:
+    """FMA at any length: q, k, v [batch, heads, n, d] padded to a valid length (pads masked), keys and
+    values summarised by their Downsample modules, one multipole softmax, cropped back to n."""
+    batch, _, n, _ = q.shape
+    valid = padded_length(n, block_size)
+    if valid != n or padding_mask is not None:
+        if padding_mask is None:
+            padding_mask = torch.zeros(batch, n, dtype=torch.bool, device=q.device)
+        padding_mask = F.pad(padding_mask, (0, valid - n), value=True)
+        q, k, v = (F.pad(x, (0, 0, 0, valid - n)) for x in (q, k, v))
+    coarse_k, coarse_counts = key_downsample(k, padding_mask, backend=backend)
+    coarse_v, _ = value_downsample(v, padding_mask, backend=backend)
+    out = multipole_attention(
+        q, k, v, coarse_k, coarse_v, block_size=block_size, causal=causal, scale_coarse=scale_coarse,
+        key_padding_mask=padding_mask, coarse_counts=coarse_counts, backend=resolved_backend(backend, q, block_size),
+    )
+    return out[:, :, :n]
