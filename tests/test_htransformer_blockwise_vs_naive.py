@@ -2,12 +2,19 @@
 explicit coverage lists (fma/htransformer/naive.py), and against exact attention where averaging is exact;
 its causal layer, which runs FMA's path with an averaging basis, against the block-wise path."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attention_testing import assert_same_outputs_and_gradients, padding, random_qkv
+from attention_testing import assert_same_outputs_and_gradients, padding, random_qkv, relative_error
 from fma import build_attention
+from fma.kernels import TRITON_INSTALLED
 from fma.htransformer.blockwise import hierarchical_attention, num_levels
 from fma.htransformer.naive import coverage, hierarchical_attention_reference
 
@@ -82,7 +89,6 @@ def test_gpu_causal_htransformer_runs_fma_kernels_like_the_float64_blockwise_pat
     """On CUDA the causal layer takes FMA's fused kernels (block_size 16: p = 8) and matches the float64
     block-wise path, outputs and input gradients (fp32 without TF32)."""
     import fma.multipole.layer as multipole_layer
-    from attention_testing import relative_error
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     calls, supports = [], multipole_layer.triton_supports
@@ -108,3 +114,46 @@ def test_gpu_causal_htransformer_runs_fma_kernels_like_the_float64_blockwise_pat
     expected = run(layer.double(), x.double(), blockwise=True)
     for a, e in zip(got, expected):
         assert relative_error(a, e) <= tolerance
+
+
+def interpreted_kernel_errors() -> dict:
+    """Relative errors, in float32, of the causal layer's route on FMA's Triton kernels (backend triton,
+    run by the interpreter on the CPU) against the block-wise path: outputs and input gradients, at a
+    valid length and at one the layer pads (with padded keys)."""
+    from fma.multipole.layer import summarised_attention
+
+    errors = {}
+    for n, real in [(128, 128), (100, 90)]:
+        torch.manual_seed(n)
+        layer = build_attention("htransformer", dim=32, num_heads=2, causal=True, block_size=16)
+        x = torch.randn(2, n, 32, requires_grad=True)
+        mask = padding(2, n, real)
+        q, k, v = layer.project(x)
+        out = summarised_attention(q, k, v, mask, key_downsample=layer.average, value_downsample=layer.average,
+                                   block_size=16, causal=True, scale_coarse=True, backend="triton")[:, :, :real]
+        expected = hierarchical_attention(q, k, v, block_size=16, causal=True, padding_mask=mask)[:, :, :real]
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        grad = torch.autograd.grad(out, x, grad_out, retain_graph=True)[0]
+        expected_grad = torch.autograd.grad(expected, x, grad_out)[0]
+        errors[f"n={n} out"] = relative_error(out, expected)
+        errors[f"n={n} dx"] = relative_error(grad, expected_grad)
+    return errors
+
+
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
+def test_fma_kernels_run_causal_htransformer_under_the_interpreter():
+    """FMA's fused attention and avgpool kernels with H-Transformer-1D's shape (m = 16, p = 8), NaN-poisoned
+    outputs, match the block-wise path (a subprocess: TRITON_INTERPRET must be set before triton loads)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FMA_TRITON_POISON": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, __file__, "--interpreter"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.splitlines()[-1])
+    assert all(error <= 1e-5 for error in errors.values()), errors
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpreter"]:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    print(json.dumps(interpreted_kernel_errors()))
