@@ -35,7 +35,7 @@ PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet
 def point_overrides(series: Series, seq_len: int, batch: int, size: list[str], compile_mode: str, data: str | None,
                     steps: int, profile: Path | None) -> list[str]:
     """train.py's command line for one point."""
-    data_overrides = (["data=text", f"data.path={data}"] if data
+    data_overrides = (["data=text", f"data.path={Path(data).resolve()}"] if data
                       else ["data=synthetic", "data.vocab_size=256", "data.num_val=1", "data.num_test=1"])
     profiling = [] if profile is None else [
         "+callbacks.kernel_profile._target_=models.KernelProfile", f"+callbacks.kernel_profile.path={profile}",
