@@ -25,8 +25,7 @@ from omegaconf import OmegaConf
 
 from data.cache import atomic_path
 from fma import ConfigurationError
-from models import LanguageModelModule
-from train import check_shapes, compile_mode, configuration_error_in, load_checkpoint, trainer_config
+from train import build_module, check_shapes, configuration_error_in, load_checkpoint, recorded_config
 
 log = logging.getLogger("eval")
 SPLITS = ("test", "valid", "both")
@@ -62,23 +61,12 @@ def evaluate(argv: list[str]) -> dict:
     """Scores the checkpoint as argv asks; returns what it writes to its result file."""
     own, overrides = parse_overrides(argv)
     saved = load_checkpoint(own["ckpt_path"])
-    recorded = (saved.get("hyper_parameters") or {}).get("config")
-    if not recorded:
-        raise ConfigurationError(f"The checkpoint {own['ckpt_path']} does not record the config it was trained with: "
-                                 f"it was not written by train.py. Use one that was.")
+    recorded = recorded_config(own["ckpt_path"], saved)
     # Defaults of an evaluation: eager (one pass does not repay compiling) and the whole validation split.
     cfg = OmegaConf.merge(OmegaConf.create(recorded), {"compile": False, "data": {"val_windows": None}},
                           OmegaConf.from_dotlist(overrides))
     L.seed_everything(cfg.seed)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    objective = hydra.utils.instantiate(cfg.objective)
-    net = hydra.utils.instantiate(cfg.model, vocab_size=datamodule.vocab_size, causal=objective.causal,
-                                  _convert_="all")
-    trainer_cfg = trainer_config(cfg)
-    module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=OmegaConf.to_container(cfg.optim),
-                                 seed=cfg.seed, compile=compile_mode(cfg, trainer_cfg),
-                                 loss_chunk_tokens=cfg.loss_chunk_tokens, config=recorded)
+    datamodule, module, trainer_cfg = build_module(cfg, recorded)
     check_shapes(own["ckpt_path"], saved["state_dict"], module)
     module.load_state_dict(saved["state_dict"])
     trainer = hydra.utils.instantiate(trainer_cfg, logger=False, callbacks=[], enable_checkpointing=False,

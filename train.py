@@ -63,6 +63,29 @@ def load_checkpoint(ckpt_path: str) -> dict:
                                  f"({type(error).__name__}: {first_line}). Use a .ckpt written by train.py.")
 
 
+def recorded_config(path: str, saved: dict) -> dict:
+    """The resolved config a checkpoint of train.py records (the module's hyper-parameter `config`)."""
+    recorded = (saved.get("hyper_parameters") or {}).get("config")
+    if not recorded:
+        raise ConfigurationError(f"The checkpoint {path} does not record the config it was trained with "
+                                 f"(hyper_parameters.config): it was not written by train.py. Use one that was.")
+    return recorded
+
+
+def build_module(cfg: DictConfig, config: dict) -> tuple:
+    """(data module, LanguageModelModule, trainer config) of cfg; `config` is what the module records."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()  # the model's vocabulary size comes from the data (a trained BPE)
+    objective = hydra.utils.instantiate(cfg.objective)
+    net = hydra.utils.instantiate(cfg.model, vocab_size=datamodule.vocab_size, causal=objective.causal,
+                                  _convert_="all")
+    trainer_cfg = trainer_config(cfg)
+    module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=OmegaConf.to_container(cfg.optim),
+                                 seed=cfg.seed, compile=compile_mode(cfg, trainer_cfg),
+                                 loss_chunk_tokens=cfg.loss_chunk_tokens, config=config)
+    return datamodule, module, trainer_cfg
+
+
 def check_resume(cfg: DictConfig, module: torch.nn.Module) -> None:
     """Refuse, before Lightning restores anything, a checkpoint that would not resume this run as
     configured: one of another attention kind or settings (unless allow_other_attention=true), other
@@ -70,10 +93,7 @@ def check_resume(cfg: DictConfig, module: torch.nn.Module) -> None:
     they were trained with (the module's hyper-parameter `config`)."""
     path = cfg.ckpt_path
     saved = load_checkpoint(path)
-    recorded = (saved.get("hyper_parameters") or {}).get("config")
-    if not recorded:
-        raise ConfigurationError(f"The checkpoint {path} does not record the config it was trained with "
-                                 f"(hyper_parameters.config): it was not written by train.py. Use one that was.")
+    recorded = recorded_config(path, saved)
     check_attention(path, recorded["model"]["attention"], OmegaConf.to_container(cfg.model.attention, resolve=True),
                     cfg.allow_other_attention)
     check_shapes(path, saved["state_dict"], module)
@@ -295,19 +315,10 @@ def fit_and_test(cfg: DictConfig, config: dict, run_log: RunLog, stop: StopOnSig
     """train's work (`config`: cfg resolved, as plain data); what result.json reports goes to `run_log`
     as it becomes known."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()  # the model's vocabulary size comes from the data (a trained BPE)
-    objective = hydra.utils.instantiate(cfg.objective)
-    net = hydra.utils.instantiate(cfg.model, vocab_size=datamodule.vocab_size, causal=objective.causal,
-                                  _convert_="all")
-    trainer_cfg = trainer_config(cfg)
-    compile = compile_mode(cfg, trainer_cfg)
-    module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=OmegaConf.to_container(cfg.optim),
-                                 seed=cfg.seed, compile=compile, loss_chunk_tokens=cfg.loss_chunk_tokens,
-                                 config=config)
-    run_log.parameters = parameter_counts(net)
+    datamodule, module, trainer_cfg = build_module(cfg, config)
+    run_log.parameters = parameter_counts(module.net)
     log.info("model: %s attention, %.2fM parameters, compile=%s", cfg.model.attention.name,
-             run_log.parameters["total"] / 1e6, str(compile).lower())
+             run_log.parameters["total"] / 1e6, str(compile_mode(cfg, trainer_cfg)).lower())
     if cfg.ckpt_path:
         check_resume(cfg, module)
 

@@ -2,9 +2,10 @@
 
 One folder per operation, each with its plain reference (`naive.py`), its fast paths and its layer:
 multipole/ (FMA), downsample/ (FMA's learned basis), full/, local/, linear/, htransformer/,
-reformer/, fastmax/, linformer/, nystromformer/. Below them, importing nothing else from the package: indexing.py (valid lengths,
-levels, interaction lists, layouts, logit biases), softmax.py (split-softmax pieces), kernels.py
-(what the Triton kernels share), errors.py, layer.py (the shell every kind shares), registry.py.
+reformer/, fastmax/, linformer/, nystromformer/. Below them, importing nothing else from the
+package: indexing.py (valid lengths, levels, interaction lists, layouts, logit biases), softmax.py
+(split-softmax pieces), kernels.py (what the Triton kernels share), errors.py, layer.py (the shell
+every kind shares), registry.py.
 """
 
 from .errors import ConfigurationError

@@ -14,10 +14,12 @@ class AttentionLayer(nn.Module):
     are unspecified (finite). Subclasses implement `attend(q, k, v, padding_mask)` on
     `[batch, heads, seq, head_dim]` tensors; that keeps projections identical across kinds, so a
     comparison measures the attention and nothing else. A kind without a causal form (its keys mix
-    every position) sets `has_causal_form = False` and refuses causal=True with its reason.
+    every position) sets `has_causal_form = False` and says why in `why_no_causal_form`; causal=True
+    is then refused with that reason.
     """
 
     has_causal_form = True
+    why_no_causal_form = ""
 
     def __init__(self, *, dim: int, num_heads: int, causal: bool):
         super().__init__()
@@ -26,6 +28,9 @@ class AttentionLayer(nn.Module):
                 f"model.dim={dim} must split into model.num_heads={num_heads} heads of equal width (both positive, "
                 f"dim a multiple of num_heads); set model.dim= or model.num_heads=, e.g. model.dim=256 model.num_heads=4."
             )
+        if causal and not self.has_causal_form:
+            raise ConfigurationError(f"{self.why_no_causal_form} Train it as a masked LM with objective=mlm, or pick "
+                                     f"a causal kind (e.g. model=fma or model=full).")
         self.dim, self.num_heads, self.causal = dim, num_heads, causal
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -44,3 +49,12 @@ class AttentionLayer(nn.Module):
         batch, seq, _ = x.shape
         out = self.attend(*self.project(x), padding_mask)
         return self.proj(out.transpose(1, 2).reshape(batch, seq, self.dim))
+
+
+def check_length(n: int, max_seq_len: int, layer: str, why: str) -> None:
+    """Refuse a sequence longer than a layer whose parameters stop at max_seq_len can take (`why`)."""
+    if n > max_seq_len:
+        raise ConfigurationError(
+            f"Sequence length {n} exceeds the {layer} layer's max_seq_len={max_seq_len} ({why}); lower "
+            f"data.seq_len= or raise model.attention.max_seq_len=."
+        )

@@ -64,10 +64,10 @@ def profile_calls(step, calls: int = 3) -> tuple[dict, list[dict]]:
     return kernel_summary(prof, calls)
 
 
-def kernel_table(kernels: list[dict], busy_ms: float, top: int = 15) -> str:
+def kernel_table(kernels: list[dict], total_ms: float, top: int = 15) -> str:
     """Markdown table of the `top` kernels with the most GPU time per step."""
     lines = ["| kernel | calls per step | ms per step | share of GPU time |", "|---|---:|---:|---:|"]
-    lines += [f"| `{k['name'][:90].replace('|', '/')}` | {k['calls']:g} | {k['ms']:.3f} | {k['ms'] / busy_ms:.1%} |"
+    lines += [f"| `{k['name'][:90].replace('|', '/')}` | {k['calls']:g} | {k['ms']:.3f} | {k['ms'] / total_ms:.1%} |"
               for k in kernels[:top]]
     return "\n".join(lines)
 

@@ -1,21 +1,23 @@
 """Training throughput of train.py itself, per attention kind, across lengths, on one GPU.
 
 Each point is one `python train.py` run in its own process, as a user runs it: trainer=gpu, the
-series' overrides (scripts/series.py), the model size (--depth, --dim, --heads: by default the paper's
-6 layers, d_model 512, 8 heads; train.py's own is 4, 256, 4), a fixed number of tokens per step (batch = tokens / length),
-bf16-mixed, fused AdamW, compile=<mode> for each --compile (auto: CUDA graphs on one GPU). The data are
---data's text as bytes (a stand-in corpus: say so where the numbers are reported), or the synthetic
-copy task over 256 symbols. Validation, checkpoints and the test are off: the run only trains.
+series' overrides (scripts/series.py), the model size (--depth, --dim, --heads: by default the
+paper's 6 layers, d_model 512, 8 heads; train.py's own is 4, 256, 4), a fixed number of tokens per
+step (batch = tokens / length), bf16-mixed, fused AdamW, compile=<mode> for each --compile (auto:
+CUDA graphs on one GPU). The data are --data's text as bytes (a stand-in corpus: say so where the
+numbers are reported), or the synthetic copy task over 256 symbols. Validation, checkpoints and the
+test are off: the run only trains.
 
     python scripts/bench_train.py --depth 4 --dim 256 --heads 4 --data wikitext-2/test.txt --out benchmarks/train_py
     python scripts/bench_train.py --series model=full "fma m=32: model=fma model.attention.block_size=32"
 
 Reported per point, from the run's result.json: tokens/s (median of the logged steps after warm-up,
-each step timed on the GPU), peak memory; the model FLOPs utilisation over the H200's dense bf16 peak
-of 989 TFLOP/s, `dense_mfu` for every kind (6 N FLOPs per token, N the weights every token multiplies:
-projections, MLP, head; the work outside attention, which bounds every kind) and `mfu` for full
-attention (6 N + 6 L n d: causal attention's scores and values added). With --profile (models.KernelProfile over 5 steps): GPU kernel time, kernels and host
-launches per step, and the fraction of the step's time the GPU is busy.
+each step timed on the GPU), peak memory; the model FLOPs utilisation over the H200's dense bf16
+peak of 989 TFLOP/s, `dense_mfu` for every kind (6 N FLOPs per token, N the weights every token
+multiplies: projections, MLP, head; the work outside attention, which bounds every kind) and `mfu`
+for full attention (6 N + 6 L n d: causal attention's scores and values added). With --profile
+(models.KernelProfile over 5 steps): GPU kernel time, kernels and host launches per step, and the
+fraction of the step's time the GPU is busy.
 """
 
 import json

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError
-from ..layer import AttentionLayer
+from ..layer import AttentionLayer, check_length
 from ..registry import register_attention
 from .projected import linformer_attention
 
@@ -27,16 +27,12 @@ class LinformerAttention(AttentionLayer):
     """
 
     has_causal_form = False
+    why_no_causal_form = ("Linformer has no causal form: its projections E K and F V sum over every position, "
+                          "future ones included, so each query would see tokens after it.")
 
     def __init__(self, *, dim: int, num_heads: int, causal: bool, k: int = 256, max_seq_len: int = 4096,
                  sharing: str = "headwise"):
         super().__init__(dim=dim, num_heads=num_heads, causal=causal)
-        if causal:
-            raise ConfigurationError(
-                "Linformer has no causal form: its projections E K and F V sum over every position, future "
-                "ones included, so each query would see tokens after it. Use it with objective=mlm (masked "
-                "LM), or pick a causal kind, e.g. model=fma or model=full."
-            )
         if max_seq_len < 1:
             raise ConfigurationError(f"max_seq_len={max_seq_len} must be at least 1; set model.attention.max_seq_len=.")
         if k < 1:
@@ -55,12 +51,7 @@ class LinformerAttention(AttentionLayer):
 
     def attend(self, q, k, v, padding_mask):
         """q, k, v [batch, heads, n, d], padding_mask [batch, n] (True = pad) or None -> [batch, heads, n, d]."""
-        n = q.shape[2]
-        if n > self.max_seq_len:
-            raise ConfigurationError(
-                f"Sequence length {n} exceeds the Linformer layer's max_seq_len={self.max_seq_len} (E and F "
-                f"have one column per position up to it); lower data.seq_len= or raise model.attention.max_seq_len=."
-            )
+        check_length(q.shape[2], self.max_seq_len, "Linformer", "E and F have one column per position up to it")
         value_projection = self.key_projection if self.value_projection is None else self.value_projection
         return linformer_attention(q, k, v, self.key_projection, value_projection, padding_mask=padding_mask)
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from ..downsample import FUSED_KINDS, Downsample
 from ..errors import ConfigurationError
 from ..indexing import padded_length
-from ..layer import AttentionLayer
+from ..layer import AttentionLayer, check_length
 from ..registry import register_attention
 from .attention import BACKENDS, multipole_attention, triton_supports
 
@@ -77,25 +77,16 @@ class FastMultipoleAttention(AttentionLayer):
         self.key_downsample = Downsample(downsample, **basis)
         self.value_downsample = Downsample(downsample, **basis)
 
-    def resolved_backend(self, q: torch.Tensor) -> str:
-        """The attention's backend for q: "auto" takes triton wherever the kernels support q."""
-        return resolved_backend(self.backend, q, self.block_size)
-
     def attend(self, q, k, v, padding_mask):
         """q, k, v [batch, heads, n, d], padding_mask [batch, n] (True = pad) or None -> [batch, heads, n, d]."""
-        n = q.shape[2]
-        if n > self.max_seq_len:
-            raise ConfigurationError(
-                f"Sequence length {n} exceeds the FMA layer's max_seq_len={self.max_seq_len} (learned "
-                f"summaries exist only for the levels up to it); lower data.seq_len= or raise "
-                f"model.attention.max_seq_len=."
-            )
+        check_length(q.shape[2], self.max_seq_len, "FMA", "learned summaries exist only for the levels up to it")
         return summarised_attention(q, k, v, padding_mask, key_downsample=self.key_downsample,
                                     value_downsample=self.value_downsample, block_size=self.block_size,
                                     causal=self.causal, scale_coarse=self.scale_coarse, backend=self.backend)
 
 
 def resolved_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
+    """The attention's backend for q: "auto" takes triton wherever the kernels support q."""
     return ("triton" if triton_supports(q, block_size) else "torch") if backend == "auto" else backend
 
 

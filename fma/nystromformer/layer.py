@@ -20,17 +20,13 @@ class NystromAttention(AttentionLayer):
     """
 
     has_causal_form = False
+    why_no_causal_form = ("Attention kind 'nystromformer' is bidirectional only: its landmarks average queries "
+                          "and keys over segments of the sequence, so every position sees future ones and "
+                          "next-token prediction would read its answer.")
 
     def __init__(self, *, dim: int, num_heads: int, causal: bool, num_landmarks: int = 64,
                  pinv_iterations: int = 6, conv_kernel_size: int | None = 33):
         super().__init__(dim=dim, num_heads=num_heads, causal=causal)
-        if causal:
-            raise ConfigurationError(
-                "attention kind 'nystromformer' is bidirectional only: its landmarks average queries and keys "
-                "over segments of the sequence, so every position sees future ones and next-token prediction "
-                "would read its answer. Train it as a masked LM with objective=mlm, or pick a causal kind "
-                "(e.g. model=fma or model=full)."
-            )
         if num_landmarks < 1:
             raise ConfigurationError(
                 f"num_landmarks={num_landmarks} must be at least 1; set model.attention.num_landmarks=.")
