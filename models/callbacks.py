@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 from data.cache import atomic_path, remove_stale_temporaries
 from fma.errors import ConfigurationError
 
+from .lit_module import logs_this_step
+
 
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
@@ -32,7 +34,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class ThroughputMonitor(L.Callback):
     """Logs train/tokens_per_s (all processes, wall clock between the ends of consecutive steps, data
-    loading included, validation excluded) and train/peak_mem_gib.
+    loading included, validation excluded) and train/peak_mem_gib, on the steps the loggers receive.
 
     On a GPU a step's end is a CUDA event, so its time is when the GPU finished the step, not when the
     host had queued it (the host runs ahead, more so under CUDA graphs): each step's value is logged
@@ -51,14 +53,15 @@ class ThroughputMonitor(L.Callback):
             end.record()
         else:
             end, lag = time.perf_counter(), 0
-        self._ends.append((end, tokens))
-        if len(self._ends) > lag + 1:
-            (start, _), (finish, tokens) = self._ends[0], self._ends[1]
+        self._ends = [*self._ends[-(lag + 1):], (end, tokens)]  # the ends of steps t-lag-1 .. t
+        if not logs_this_step(trainer):
+            return
+        if len(self._ends) == lag + 2:  # step t-lag: from the end of the step before it to its own end
+            (start, _), (finish, tokens) = self._ends[:2]
             if lag:
                 finish.synchronize()  # elapsed_time refuses an event the GPU has not reached
             seconds = start.elapsed_time(finish) / 1e3 if lag else finish - start
             pl_module.log("train/tokens_per_s", torch.tensor(tokens / seconds), prog_bar=True)
-            del self._ends[0]
         pl_module.log("train/peak_mem_gib", torch.tensor(peak_memory_gib(pl_module.device)))
 
     def on_validation_end(self, trainer, pl_module):

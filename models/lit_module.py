@@ -21,6 +21,13 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether the loggers receive this training step's metrics (every trainer.log_every_n_steps steps).
+    Metrics are logged only then: a `self.log` call costs the host more than a CUDA-graph step's
+    launch, and Lightning writes the values of the other steps nowhere."""
+    return trainer._logger_connector.should_update_logs  # the test Lightning's own monitors use
+
+
 def resolved_optim(optim: dict, max_steps: int) -> dict:
     """`optim` with the schedule's length resolved (total_steps null: trainer.max_steps): what a run
     resumed from a checkpoint must share with the run that wrote it."""
@@ -108,7 +115,8 @@ class LanguageModelModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         features, targets = self._features_and_targets(batch)
         loss = self._nll_sum(features, targets) / (targets != IGNORE).sum().clamp(min=1)  # a batch may score nothing
-        self.log("train/loss", loss)  # shown by models.ProgressBar: prog_bar=True would read it every step
+        if logs_this_step(self.trainer):  # shown by models.ProgressBar: prog_bar=True would read it every step
+            self.log("train/loss", loss)
         return loss
 
     def _eval_step(self, batch, batch_idx, metric):

@@ -53,6 +53,22 @@ def kernel_summary(prof, steps: int) -> tuple[dict, list[dict]]:
     return summary, kernels
 
 
+def host_summary(prof, steps: int) -> list[dict]:
+    """The host's time per step by operator and, when profiled with_stack, Python function: every name's
+    {"name", "calls", "self_ms" (its own time), "total_ms" (with what it calls)} per step, most self time first."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CPU:
+            calls_self_total = totals.setdefault(event.name, [0, 0.0, 0.0])
+            calls_self_total[0] += 1
+            calls_self_total[1] += event.self_cpu_time_total
+            calls_self_total[2] += event.cpu_time_total
+    return [{"name": name, "calls": calls / steps, "self_ms": own / steps / 1e3, "total_ms": total / steps / 1e3}
+            for name, (calls, own, total) in sorted(totals.items(), key=lambda item: -item[1][1])]
+
+
 def profile_calls(step, calls: int = 3) -> tuple[dict, list[dict]]:
     """kernel_summary of `calls` calls of `step` (after its warm-up) on the GPU."""
     from torch.profiler import ProfilerActivity, profile
@@ -72,16 +88,26 @@ def kernel_table(kernels: list[dict], total_ms: float, top: int = 15) -> str:
     return "\n".join(lines)
 
 
+def host_table(functions: list[dict], top: int = 25) -> str:
+    """Markdown table of the `top` host functions and operators with the most own time per step."""
+    lines = ["| host function or operator | calls per step | own ms per step | ms with callees |", "|---|---:|---:|---:|"]
+    lines += [f"| `{f['name'][:100].replace('|', '/')}` | {f['calls']:g} | {f['self_ms']:.3f} | {f['total_ms']:.3f} |"
+              for f in functions[:top]]
+    return "\n".join(lines)
+
+
 class KernelProfile(L.Callback):
     """Profiles training steps start_step+1 .. start_step+steps (torch.profiler, CPU and CUDA) and writes
     `path` (JSON: the per-step summary of `kernel_summary`, the wall time per step while profiled, and
     every kernel) and the same path with .md (the top kernels). The profiler slows the host, so the wall
     time it reports is an upper bound; the GPU's busy fraction is its busy time over the unprofiled
     step time (train/tokens_per_s). `trace`: also the timeline, for chrome://tracing or Perfetto, beside
-    `path` as .trace.json.gz. Does nothing on a CPU."""
+    `path` as .trace.json.gz. `host`: also record Python functions (with_stack) and add the host's time
+    per function to both files: where a step bound by the host spends it (the Python tracer slows the
+    host further, so compare functions, not wall times). Does nothing on a CPU."""
 
-    def __init__(self, path: str, start_step: int = 20, steps: int = 5, trace: bool = False):
-        self.path, self.start_step, self.steps, self.trace = Path(path), start_step, steps, trace
+    def __init__(self, path: str, start_step: int = 20, steps: int = 5, trace: bool = False, host: bool = False):
+        self.path, self.start_step, self.steps, self.trace, self.host = Path(path), start_step, steps, trace, host
         self._profiler, self._started = None, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -89,7 +115,7 @@ class KernelProfile(L.Callback):
             from torch.profiler import ProfilerActivity, profile
 
             torch.cuda.synchronize()
-            self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=self.host)
             self._profiler.__enter__()
             self._started = time.perf_counter()
 
@@ -106,9 +132,10 @@ class KernelProfile(L.Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.trace:
             self._profiler.export_chrome_trace(str(self.path.with_suffix(".trace.json.gz")))
-        self.path.write_text(json.dumps({"summary": summary, "kernels": kernels}, indent=2) + "\n")
+        host = host_summary(self._profiler, self.steps) if self.host else []
+        self.path.write_text(json.dumps({"summary": summary, "kernels": kernels, "host": host}, indent=2) + "\n")
         self.path.with_suffix(".md").write_text(
             f"Steps {self.start_step + 1}-{self.start_step + self.steps}: {wall_ms:.2f} ms per step (profiled), "
             f"{summary['kernel_ms']:.2f} ms of kernels ({summary['gpu_busy_ms']:.2f} ms busy), "
             f"{summary['kernels']:,.0f} kernels and {summary['launches']:,.0f} launches per step\n\n"
-            + kernel_table(kernels, summary["kernel_ms"]) + "\n")
+            + kernel_table(kernels, summary["kernel_ms"]) + "\n" + (f"\n{host_table(host)}\n" if host else ""))

@@ -17,7 +17,8 @@ peak of 989 TFLOP/s, `dense_mfu` for every kind (6 N FLOPs per token, N the weig
 multiplies: projections, MLP, head; the work outside attention, which bounds every kind) and `mfu`
 for full attention (6 N + 6 L n d: causal attention's scores and values added). With --profile
 (models.KernelProfile over 5 steps): GPU kernel time, kernels and host launches per step, and the
-fraction of the step's time the GPU is busy.
+fraction of the step's time the GPU is busy; --profile host adds the host's time per Python function
+(kernel_profile.md in each point's folder).
 """
 
 import json
@@ -35,13 +36,13 @@ PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet
 
 
 def point_overrides(series: Series, seq_len: int, batch: int, size: list[str], compile_mode: str, data: str | None,
-                    steps: int, profile: Path | None) -> list[str]:
+                    steps: int, profile: Path | None, host: bool = False) -> list[str]:
     """train.py's command line for one point."""
     data_overrides = (["data=text", f"data.path={Path(data).resolve()}"] if data
                       else ["data=synthetic", "data.vocab_size=256", "data.num_val=1", "data.num_test=1"])
     profiling = [] if profile is None else [
         "+callbacks.kernel_profile._target_=models.KernelProfile", f"+callbacks.kernel_profile.path={profile}",
-        f"+callbacks.kernel_profile.start_step={steps - 10}"]
+        f"+callbacks.kernel_profile.start_step={steps - 10}", *(["+callbacks.kernel_profile.host=true"] if host else [])]
     return [*series.overrides, "trainer=gpu", *size, *data_overrides, f"data.seq_len={seq_len}",
             f"data.batch_size={batch}", f"compile={compile_mode}", f"trainer.max_steps={steps}",
             "trainer.log_every_n_steps=10", "+trainer.limit_val_batches=0", "+trainer.enable_checkpointing=false",
@@ -71,7 +72,9 @@ def main():
     parser.add_argument("--data", help="a text file to train on as bytes (data=text); default: the synthetic copy "
                                        "task over 256 symbols")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per point (logged every 10)")
-    parser.add_argument("--profile", action="store_true", help="also profile 5 steps per point (models.KernelProfile)")
+    parser.add_argument("--profile", nargs="?", const="kernels", choices=["kernels", "host"],
+                        help="also profile 5 steps per point (models.KernelProfile); host: with the host's time "
+                             "per Python function")
     args = parse_args(parser)
     require_cuda("bench_train.py")
     size = [f"model.depth={args.depth}", f"model.dim={args.dim}", f"model.num_heads={args.heads}"]
@@ -87,7 +90,8 @@ def main():
                 label = series.label if args.compile == ["auto"] else f"{series.label} [compile={mode}]"
                 run_dir = (args.out / "points" / f"{re.sub('[^A-Za-z0-9]+', '-', label).strip('-')}_{seq_len}").resolve()
                 profile = run_dir / "kernel_profile.json" if args.profile else None
-                overrides = point_overrides(series, seq_len, batch, size, mode, args.data, args.steps, profile)
+                overrides = point_overrides(series, seq_len, batch, size, mode, args.data, args.steps, profile,
+                                            host=args.profile == "host")
                 result, command = run_point(overrides, run_dir)
                 rows.append(row_of(result, label, series, mode, seq_len, batch, profile, command))
                 row = rows[-1]

@@ -491,16 +491,17 @@ def test_ddp_on_the_cpu_runs_in_fp32(tmp_path):
 def test_kernel_profile_summary_counts_by_hand():
     """Two steps: kernels a (0-10 us, 5-20 us: overlapping) and b (30-40 us), one annotation (not a kernel),
     three host launches and a host op that is none: per step 17.5 us of kernels, 15 us busy, 1.5 kernels,
-    1.5 launches; kernels listed by time."""
+    1.5 launches; kernels listed by time; the host's functions by own time per step."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
 
-    from models.profiling import busy_time_us, kernel_summary
+    from models.profiling import busy_time_us, host_summary, kernel_summary
 
-    def event(name, start=0.0, end=0.0, device=DeviceType.CUDA, annotation=False):
+    def event(name, start=0.0, end=0.0, device=DeviceType.CUDA, annotation=False, own=0.0):
         span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
-        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation, time_range=span)
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation, time_range=span,
+                               self_cpu_time_total=own, cpu_time_total=end - start)
 
     events = [event("a", 0, 10), event("a", 5, 20), event("b", 30, 40), event("AdamW.step", 0, 40, annotation=True),
               *(event(name, device=DeviceType.CPU) for name in ("cudaLaunchKernel", "cudaGraphLaunch",
@@ -509,3 +510,8 @@ def test_kernel_profile_summary_counts_by_hand():
     assert summary == {"kernel_ms": 35 / 2 / 1e3, "gpu_busy_ms": 30 / 2 / 1e3, "kernels": 1.5, "launches": 1.5}
     assert kernels == [{"name": "a", "calls": 1.0, "ms": 25 / 2 / 1e3}, {"name": "b", "calls": 0.5, "ms": 10 / 2 / 1e3}]
     assert busy_time_us([(0, 4), (1, 2), (6, 7)]) == 5
+    host = [event("step", 0, 300, DeviceType.CPU, own=100), event("step", 0, 500, DeviceType.CPU, own=300),
+            event("aten::mm", 0, 50, DeviceType.CPU, own=50), events[0]]
+    assert host_summary(SimpleNamespace(events=lambda: host), steps=2) == [
+        {"name": "step", "calls": 1.0, "self_ms": 0.2, "total_ms": 0.4},
+        {"name": "aten::mm", "calls": 0.5, "self_ms": 0.025, "total_ms": 0.025}]
