@@ -126,8 +126,7 @@ def test_fast_path_matches_reference_outputs_and_gradients(kind, causal, dtype, 
     expected = outputs_and_gradients(layer, reference, [q, k, v])
     basis_names = [name for name, _ in layer.named_parameters() if "downsample" in name]
     names = ["output", "dq", "dk", "dv"] + [f"d {name}" for name in basis_names]
-    num_levels = len(level_widths(padded_length(n, BLOCK), BLOCK))
-    assert len(fast) == len(expected) == len(names) == 4 + (0 if kind == "avgpool" else 4 * num_levels)
+    assert len(fast) == len(expected) == len(names) == 4 + (0 if kind == "avgpool" else 4)  # K, V: weight, bias
     for name, actual, wanted in zip(names, fast, expected):
         assert actual.dtype == dtype
         assert relative_error(actual.double(), wanted) < tolerance, name
@@ -202,11 +201,16 @@ def test_parameters_are_per_level_and_separate_for_keys_and_values(kind):
     )
     assert isinstance(layer, FastMultipoleAttention)
     expected = {"qkv.weight": (96, 32), "proj.weight": (32, 32)}
+    widths = [4, 8, 16]  # max_seq_len 50 -> padded 64 -> n/4 = 16
     if kind != "avgpool":
-        for basis in ("key_downsample", "value_downsample"):
-            for level, width in enumerate([4, 8, 16], 1):  # max_seq_len 50 -> padded 64 -> n/4 = 16
-                expected[f"{basis}.weight.level{level}"] = (2, width, 8) if kind == "groupedconv" else (2, width, 8, 8)
-                expected[f"{basis}.bias.level{level}"] = (2, 8)
+        for basis in ("key_downsample", "value_downsample"):  # every level's filters in one tensor
+            expected[f"{basis}.weight"] = (2 * sum(widths) * (1 if kind == "groupedconv" else 8), 8)
+            expected[f"{basis}.bias"] = (2 * len(widths), 8)
+            downsample = getattr(layer, basis)
+            for level, width in enumerate(widths, 1):
+                weight, bias = downsample.level_parameters(level)
+                assert weight.shape == ((2, width, 8) if kind == "groupedconv" else (2, width, 8, 8))
+                assert bias.shape == (2, 8) and weight._base is downsample.weight
     assert {name: tuple(p.shape) for name, p in layer.named_parameters()} == expected
 
 

@@ -10,7 +10,7 @@ of it (`torch.split`, one cat in backward), so a consumer can take the buffer wh
 concatenating. Summaries come out in x's dtype (the torch path promotes bf16 x with fp32 weights
 to fp32).
 
-API: `fused_summaries(x, kind, block_size, rank, weights, biases, counts) -> buffer` (autograd: dx,
+API: `fused_summaries(x, kind, block_size, rank, weight, bias, counts) -> buffer` (autograd: dx,
 dW, db); `split_levels(buffer, block_size, rank)`. Timing: scripts/bench_downsample.py.
 
 Floor (bytes moved at the H200's copy rate) at n = 65,536, B = 2, H = 8, d = 64, m = 64, p = 2, bf16 (L = 9 levels, T = 4,088
@@ -599,14 +599,14 @@ def fused_summaries(
     kind: str,
     block_size: int,
     rank: int,
-    weights: list[torch.Tensor] | None = None,
-    biases: list[torch.Tensor] | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     counts: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """All levels' summaries of x [B, H, n, d] (zero at pads) in one buffer [B, H, T, d] of x's dtype.
 
-    kind "groupedconv": weights[l] [p, w_l, d], biases[l] [p, d] for every level of this n (extra
-    levels, for longer sequences, are ignored). kind "avgpool": no parameters; counts (per level
+    kind "groupedconv": weight [sum_l p w_l, d] and bias [L p, d], levels in order as `Downsample`
+    holds them, at least the levels of this n (rows of longer sequences' levels are ignored). kind "avgpool": no parameters; counts (per level
     [B, (n / w_l) * p], real tokens per summary, as Downsample computes them) or None (no padding).
     Differentiable in x, weights and biases. Level l occupies rows offsets[l-1]:offsets[l] of dim 2,
     see `Layout.of(n, block_size, rank).offsets`. (Plain arithmetic here, no Layout: torch.compile
@@ -621,8 +621,9 @@ def fused_summaries(
         if counts is not None:
             scale = torch.cat(counts, dim=1).to(torch.float32).clamp_min(1).reciprocal().contiguous()
     else:
-        w_cat = torch.cat([w.reshape(-1) for w in weights[:num_levels]])
-        b_cat = torch.cat([b.reshape(-1) for b in biases[:num_levels]])
+        filter_rows = rank * block_size * (2**num_levels - 1)  # sum_l p w_l, w_l = m 2^(l-1)
+        w_cat = weight[:filter_rows].reshape(-1)
+        b_cat = bias[:num_levels * rank].reshape(-1)
     rows, per_summary = summary_tables(x.shape[2], block_size, rank, x.device)
     return summaries_forward(x, w_cat, b_cat, scale, rows, per_summary, block_size, rank, avg)
 

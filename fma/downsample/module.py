@@ -2,9 +2,9 @@
 
 Kinds (shared/docs/fma-algorithm.md), all shared across heads, one set of parameters per level:
 - groupedconv: per channel, p filters of length w_l plus a bias; K~[cell, r, c] = b[r, c] +
-  sum_t W[r, t, c] K[cell*w_l + t, c]. Parameters W [p, w_l, d], b [p, d].
+  sum_t W[r, t, c] K[cell*w_l + t, c]. Parameters W [p, w_l, d], b [p, d] per level.
 - conv: the same with channel mixing; K~[cell, r, o] = b[r, o] + sum_{t,c} W[r, t, c, o] K[.., c].
-  Parameters W [p, w_l, d, d], b [p, d].
+  Parameters W [p, w_l, d, d], b [p, d] per level.
 - avgpool: the p summaries are means of w_l / p consecutive tokens; nothing is learned.
 A summary mixes only tokens of its own cell, which keeps the causal version leak-free.
 
@@ -13,6 +13,8 @@ Two paths, chosen by `backend` (the FMA layer passes its own): "torch" (`cellwis
 CUDA, or the CPU under TRITON_INTERPRET=1), "auto" (triton for CUDA inputs it supports, else torch).
 The fused path returns its summaries in x's dtype, as views of one buffer [B, H, T, d].
 """
+
+import math
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ class Downsample(nn.Module):
         [batch, (n / w_l) * p], how many real tokens each summary stands for (0: masked).
     Padded positions are zero-filled first, so a partly padded cell is summarised from its real
     tokens only: the learned kinds apply their linear map to the real tokens, avgpool divides by
-    the real count. Parameters exist for the levels of lengths up to `max_seq_len`.
+    the real count. Parameters exist for the levels of lengths up to `max_seq_len` (`level_parameters`).
     """
 
     def __init__(self, kind: str, *, head_dim: int, block_size: int, rank: int, max_seq_len: int):
@@ -46,20 +48,30 @@ class Downsample(nn.Module):
                 f"Unknown downsampling {kind!r}; use model.attention.downsample= one of {', '.join(DOWNSAMPLE_KINDS)}."
             )
         self.kind, self.block_size, self.rank = kind, block_size, rank
-        self.weight, self.bias = nn.ParameterDict(), nn.ParameterDict()
         learned_widths = [] if kind == "avgpool" else level_widths(padded_length(max_seq_len, block_size), block_size)
-        for level, width in enumerate(learned_widths, 1):
-            # Start every filter as the mean of its own 1/p of the cell: the coarse keys begin as the
-            # avgpool summaries, for which scaled FMA is exact on inputs constant within cells, so
-            # training starts from a sound approximation of full attention rather than from noise.
-            # The p filters already differ, so no noise is needed to break symmetry between them.
-            average = segment_average(width, rank)[:, :, None]  # [p, w, 1]
-            if kind == "groupedconv":
-                weight = average.expand(rank, width, head_dim)
-            else:
-                weight = average[..., None] * torch.eye(head_dim)
-            self.weight[f"level{level}"] = nn.Parameter(weight.clone())
-            self.bias[f"level{level}"] = nn.Parameter(torch.zeros(rank, head_dim))
+        # Start every filter as the mean of its own 1/p of the cell: the coarse keys begin as the
+        # avgpool summaries, for which scaled FMA is exact on inputs constant within cells, so
+        # training starts from a sound approximation of full attention rather than from noise.
+        # The p filters already differ, so no noise is needed to break symmetry between them.
+        averages = [segment_average(width, rank)[:, :, None] for width in learned_widths]  # [p, w, 1] each
+        if kind == "groupedconv":
+            filters = [average.expand(rank, width, head_dim) for average, width in zip(averages, learned_widths)]
+        else:
+            filters = [average[..., None] * torch.eye(head_dim) for average in averages]
+        # One tensor for all levels (fewer parameters for the optimizer, the clipping and autograd to
+        # walk each step, and the fused kernels read it as it is): weight [sum_l p w_l (d), d], rows
+        # level-major, level l's filters W_l [p, w_l, d] (groupedconv) or [p, w_l, d, d] (conv) in
+        # order; bias [L p, d], level l's [p, d] at rows (l-1) p .. l p.
+        self.weight = nn.Parameter(torch.cat([f.reshape(-1, head_dim) for f in filters])) if filters else None
+        self.bias = nn.Parameter(torch.zeros(len(filters) * rank, head_dim)) if filters else None
+        self.filter_shapes = [tuple(f.shape) for f in filters]
+
+    def level_parameters(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Level `level` (1-based)'s filters W_l [p, w_l, d] or [p, w_l, d, d] and bias [p, d]: views."""
+        sizes = [math.prod(shape) // shape[-1] for shape in self.filter_shapes]
+        start = sum(sizes[: level - 1])
+        weight = self.weight[start:start + sizes[level - 1]].view(self.filter_shapes[level - 1])
+        return weight, self.bias[(level - 1) * self.rank:level * self.rank]
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, backend: str = "auto"):
         widths = level_widths(x.shape[2], self.block_size)
@@ -69,16 +81,15 @@ class Downsample(nn.Module):
             x = x.masked_fill(padding_mask[:, None, :, None], 0)
             real = (~padding_mask).to(torch.promote_types(x.dtype, torch.float32))
             counts = [real_counts(self.kind, real, width, self.rank) for width in widths]
-        levels = range(1, len(widths) + 1)
-        weights = [self.weight[f"level{level}"] for level in levels] if self.weight else [None] * len(widths)
-        biases = [self.bias[f"level{level}"] for level in levels] if self.bias else [None] * len(widths)
         if self.resolved_backend(x, backend) == "triton":
             from .fused import fused_summaries, split_levels  # imports Triton: only here
 
-            buffer = fused_summaries(x, self.kind, self.block_size, self.rank, weights, biases, counts)
+            buffer = fused_summaries(x, self.kind, self.block_size, self.rank, self.weight, self.bias, counts)
             return split_levels(buffer, self.block_size, self.rank), counts
-        summaries = [summarise(self.kind, x, width, self.rank, weight, bias, None if counts is None else count)
-                     for width, weight, bias, count in zip(widths, weights, biases, counts or [None] * len(widths))]
+        parameters = ([self.level_parameters(level) for level in range(1, len(widths) + 1)] if self.weight is not None
+                      else [(None, None)] * len(widths))
+        summaries = [summarise(self.kind, x, width, self.rank, weight, bias, count) for width, (weight, bias), count
+                     in zip(widths, parameters, counts or [None] * len(widths))]
         return summaries, counts
 
     def resolved_backend(self, x: torch.Tensor, backend: str) -> str:

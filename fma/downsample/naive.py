@@ -21,8 +21,7 @@ def summarise_cell(x, real, downsample, level: int):
             counts.append(real[:, part].sum(1).to(dtype))
         counts = torch.stack(counts, 1)
         return torch.stack(sums, 2) / counts.clamp_min(1)[:, None, :, None], counts
-    weight = downsample.weight[f"level{level}"]
-    bias = downsample.bias[f"level{level}"]
+    weight, bias = downsample.level_parameters(level)
     if downsample.kind == "groupedconv":
         summary = bias + torch.einsum("bhtd,rtd->bhrd", x, weight)
     else:
