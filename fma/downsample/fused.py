@@ -28,15 +28,15 @@ Design (each kernel reads x, or writes dx, exactly once; nothing per level):
   at the same in-cell position o mod w_l at EVERY level. A program owns in-cell offsets o, a group of
   E (bh, top cell) pairs and BD channels, so each W element it loads serves E rows of x.
   Per channel c the work is a small matrix product, batched over c with a 3-D `tl.dot`:
-  forward  `_forward_kernel`, grid (offset chunk x E-group x channel block), channel block fastest:
+  forward  `_summaries_forward_kernel`, grid (offset chunk x E-group x channel block), channel block fastest:
            per tile of TOK tokens (inside one level-1 cell) acc[c, e, row] += x[c, e, t] @ W[c, t, row],
            row = (level, r), W gathered at each level's in-cell position. Levels whose cells fit in
            the chunk are stored (bias, scale, cast) when their cell ends; wider levels are added with
            fp32 atomics (one per program, row, e, channel) to a small scratch, finished by
-           `_finish_kernel`. Reads x once + W (L2); writes each summary once.
-  backward `_grad_input_kernel`: dx[c, e, t] = dS[c, e, row] @ W[c, row, t]; the W tile is loaded
+           `_summaries_finish_kernel`. Reads x once + W (L2); writes each summary once.
+  backward `_summaries_grad_input_kernel`: dx[c, e, t] = dS[c, e, row] @ W[c, row, t]; the W tile is loaded
            once per program and serves several E-groups; dx written once.
-           `_grad_weight_kernel`: dW[c, row, t] += dS[c, row, e] @ x[c, e, t] over all (bh, top cell)
+           `_summaries_grad_weight_kernel`: dW[c, row, t] += dS[c, row, e] @ x[c, e, t] over all (bh, top cell)
            pairs of a split, then fp32 atomics into dW (W* * L * p * d ~ 19 M at the shape above).
            db: one torch sum over dS plus an index_add.
   bf16/fp16 inputs: tensor-core products in that dtype; fp32 weights enter as hi + lo halves (about
@@ -141,7 +141,7 @@ def _pairs(first, E: tl.constexpr, NTOP, BH, W_TOP, o0):
 
 
 @triton.jit
-def _forward_kernel(
+def _summaries_forward_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, scratch_ptr,
     H, BH, sx_b, sx_h, sx_n, sx_d,
     d, m, num_levels, W_TOP, NTOP, N2, T, CHUNK: tl.constexpr, COARSE_OFF, TC, W_LO, NC, NE,
@@ -214,7 +214,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _grad_input_kernel(
+def _summaries_grad_input_kernel(
     g_ptr, w_ptr, dx_ptr,
     BH, n, d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS: tl.constexpr, W_LO, G_LO, NC, NE,
     P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
@@ -254,7 +254,7 @@ def _grad_input_kernel(
 
 
 @triton.jit
-def _grad_weight_kernel(
+def _summaries_grad_weight_kernel(
     x_ptr, g_ptr, dw_ptr,
     H, BH, sx_b, sx_h, sx_n, sx_d,
     d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS: tl.constexpr, NC, NE,
@@ -283,7 +283,7 @@ def _grad_weight_kernel(
 
 
 @triton.jit
-def _finish_kernel(
+def _summaries_finish_kernel(
     scratch_ptr, b_ptr, scale_ptr, rows_ptr, out_ptr,
     H, d, T, TC, COARSE_OFF, total,
     BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MODE: tl.constexpr,
@@ -437,7 +437,7 @@ def _forward(x, w_op, b_cat, scale, rows, per_summary, layout: Layout, avg: bool
     out = kernel_output((B, H, T, d), x.dtype, x.device)
     scratch = torch.zeros((BH, T - coarse_off, d), dtype=torch.float32, device=x.device)
     w, w_lo, split_w = w_op if w_op is not None else (scratch, 0, False)
-    _forward_kernel[(top // chunk * c_groups * e_groups,)](
+    _summaries_forward_kernel[(top // chunk * c_groups * e_groups,)](
         x, w, b_cat if b_cat is not None else scratch, scale if scale is not None else scratch, out, scratch,
         H, BH, *x.stride(), d, m, num_levels, top, ntop, 2 * n // m, T, chunk, coarse_off, T - coarse_off, w_lo, c_groups, e_groups,
         P=p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg, SPLIT_W=split_w, HAS_BIAS=b_cat is not None,
@@ -446,7 +446,7 @@ def _forward(x, w_op, b_cat, scale, rows, per_summary, layout: Layout, avg: bool
     )
     if coarse_level < num_levels:  # finish the wide levels: bias, scale, cast
         total, block = scratch.numel(), 1024
-        _finish_kernel[(triton.cdiv(total, block),)](
+        _summaries_finish_kernel[(triton.cdiv(total, block),)](
             scratch, b_cat if b_cat is not None else scratch,
             scale if scale is not None else per_summary, rows, out,
             H, d, T, T - coarse_off, coarse_off, total,
@@ -470,7 +470,7 @@ def _grad_input(g_op, w_op, layout: Layout, avg: bool, shape, dtype):
     dx = kernel_output(shape, dtype, g_op[0].device)
     g, g_lo, split_g = g_op
     w, w_lo, split_w = w_op if w_op is not None else (g, 0, False)
-    _grad_input_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
+    _summaries_grad_input_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
         g, w, dx,
         BH, n, d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m, layout.total, per_split,
         w_lo, g_lo, triton.cdiv(d, BD), splits, P=layout.p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg, SPLIT_W=split_w, SPLIT_G=split_g,
@@ -491,7 +491,7 @@ def _grad_weight(x, g, layout: Layout):
     per_split = triton.cdiv(groups, splits)
     splits = triton.cdiv(groups, per_split)
     dw = torch.zeros(layout.p * d * sum(layout.widths), dtype=torch.float32, device=x.device)
-    _grad_weight_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
+    _summaries_grad_weight_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
         x, g, dw, H, BH, *x.stride(), d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m,
         layout.total, per_split, triton.cdiv(d, BD), splits, P=layout.p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT,
         PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED, num_warps=DW_WARPS, num_stages=DW_STAGES,
@@ -606,9 +606,9 @@ def fused_summaries(
     """All levels' summaries of x [B, H, n, d] (zero at pads) in one buffer [B, H, T, d] of x's dtype.
 
     kind "groupedconv": weight [sum_l p w_l, d] and bias [L p, d], levels in order as `Downsample`
-    holds them, at least the levels of this n (rows of longer sequences' levels are ignored). kind "avgpool": no parameters; counts (per level
-    [B, (n / w_l) * p], real tokens per summary, as Downsample computes them) or None (no padding).
-    Differentiable in x, weights and biases. Level l occupies rows offsets[l-1]:offsets[l] of dim 2,
+    holds them, at least the levels of this n (rows of longer sequences' levels are ignored). kind
+    "avgpool": no parameters; counts (per level [B, (n / w_l) * p], real tokens per summary, as
+    Downsample computes them) or None (no padding). Differentiable in x, weight and bias. Level l occupies rows offsets[l-1]:offsets[l] of dim 2,
     see `Layout.of(n, block_size, rank).offsets`. (Plain arithmetic here, no Layout: torch.compile
     traces this wrapper, and cannot trace a cached classmethod.)
     """

@@ -4,7 +4,7 @@ Same function as `blocklocal.block_local_attention` (one softmax per query over 
 and the coarse summaries of every level, same masks and logit biases), without ever holding the
 gathered [blocks, S, d] key set or any n x n tensor.
 
-Forward (`_forward_kernel`), one program per (fine block of m queries, batch * head):
+Forward (`_multipole_forward_kernel`), one program per (fine block of m queries, batch * head):
   - q tile [m, d] stays in registers; online softmax (flash attention) in fp32, base-2 exponents
     (scores are pre-multiplied by log2(e), so the stored log-sum-exp is in base 2 too);
   - fine key tiles of BLOCK_N = min(m, 64) keys over the block's neighbourhood: blocks b-1, b
@@ -18,13 +18,13 @@ Forward (`_forward_kernel`), one program per (fine block of m queries, batch * h
     the backward's exp2(s - lse) is 0 there; the row's output is 0).
 
 Backward (flash attention 2: scores recomputed from the saved log-sum-exp), two launches:
-  - `_backward_query_kernel`, one program per (query block, batch * head), first computes and
+  - `_multipole_backward_query_kernel`, one program per (query block, batch * head), first computes and
     stores its rows' delta = rowsum(dO * O) (fp32; done in torch it took longer on the H200 than
     all three kernels together), then walks the same tiles as the forward: dQ accumulated in
     registers and stored once; dK~ and dV~ of the coarse summaries accumulated with fp32
     `tl.atomic_add` into fp32 buffers [batch, heads, sum_l (n/w_l) p, d] (a summary is seen by
     several query blocks), cast to the input dtype afterwards;
-  - `_backward_key_kernel` (launched second: it reads delta), one program per (tile of BLOCK_N
+  - `_multipole_backward_key_kernel` (launched second: it reads delta), one program per (tile of BLOCK_N
     fine keys, batch * head), walks the queries that see those keys (blocks j, j+1 causal;
     j-1, j, j+1 bidirectional): dK and dV in registers, stored once. Chosen over atomics for the
     fine keys: deterministic, no fp32 buffers of size n*d to zero, add into and cast, at the price
@@ -161,7 +161,7 @@ def multipole_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarse_
     lse = kernel_output((batch, heads, n), torch.float32, q.device)
     block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
     has_fine_bias = fine_bias is not None
-    _forward_kernel[(n // m, batch * heads)](
+    _multipole_forward_kernel[(n // m, batch * heads)](
         q, k, v, coarse_k, coarse_v, out, lse,
         fine_bias if has_fine_bias else coarse_bias, coarse_bias, coarse_index,
         *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(out),
@@ -202,7 +202,7 @@ def multipole_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     fine_bias_stride = _batch_stride(fine_bias)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias,
                   PRECISION=_dot_precision(q.dtype), **launch_config(m, head_dim))
-    _backward_query_kernel[(n // m, batch * heads)](
+    _multipole_backward_query_kernel[(n // m, batch * heads)](
         q, k, v, coarse_k, coarse_v, out, grad_out, lse, delta, dq, dck, dcv,
         fine_bias_arg, coarse_bias, coarse_index,
         *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(out), *_strides(grad_out),
@@ -211,7 +211,7 @@ def multipole_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
         BLOCK_M=m, BLOCK_N=block_n, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles, **common,
     )
-    _backward_key_kernel[(n // block_n, batch * heads)](
+    _multipole_backward_key_kernel[(n // block_n, batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, fine_bias_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         fine_bias_stride, heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
@@ -315,7 +315,7 @@ def _query_block(Q, sq_b, sq_h, sq_n, H, BLOCK_M: tl.constexpr, HEAD_DIM: tl.con
 
 
 @triton.jit
-def _forward_kernel(
+def _multipole_forward_kernel(
     Q, K, V, CK, CV, O, LSE, FINE_BIAS, COARSE_BIAS, COARSE_INDEX,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sc_b, sc_h, sc_n, so_b, so_h, so_n,
     sfb_b, scb_b,
@@ -355,7 +355,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_query_kernel(
+def _multipole_backward_query_kernel(
     Q, K, V, CK, CV, O, DO, LSE, DELTA, DQ, DCK, DCV, FINE_BIAS, COARSE_BIAS, COARSE_INDEX,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sc_b, sc_h, sc_n,
     so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n,
@@ -366,7 +366,7 @@ def _backward_query_kernel(
     CAUSAL: tl.constexpr, HAS_FINE_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ for one query block, its contributions to dK~, dV~ of the summaries it sees, and its rows'
-    delta = rowsum(dO * O), stored for `_backward_key_kernel` (launched after this one)."""
+    delta = rowsum(dO * O), stored for `_multipole_backward_key_kernel` (launched after this one)."""
     block, bh, b, h, offs_m, offs_d, q = _query_block(Q, sq_b, sq_h, sq_n, H, BLOCK_M, HEAD_DIM)
     do = tl.load(DO + b * sdo_b + h * sdo_h + _rows(offs_m, sdo_n) + offs_d[None, :])
     o = tl.load(O + b * so_b + h * so_h + _rows(offs_m, so_n) + offs_d[None, :])
@@ -411,7 +411,7 @@ def _backward_query_kernel(
 
 
 @triton.jit
-def _backward_key_kernel(
+def _multipole_backward_key_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, FINE_BIAS,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
     sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
