@@ -450,3 +450,21 @@ def test_failed_point_is_recorded_and_an_interrupted_sweep_resumes(tmp_path):
     assert again.returncode == 1 and "0 to run" in again.stdout
     assert records(out) == second
 
+
+
+def test_length_generalization_scores_each_checkpoint_at_longer_lengths(tmp_path):
+    """One FMA model trained at 32 tokens: at 1x eval.py reproduces train.py's test metric; at 2x its
+    groupedconv basis cannot run, recorded with eval.py's reason, and the study still reports."""
+    out = tmp_path / "study"
+    done = run_script("length_generalization.py", [
+        "--series", "fma groupedconv: model=fma model.attention.downsample=groupedconv", "--train-length", "32",
+        "--factors", "1", "2", "--eval-tokens", "256", "--tokens-per-step", "64", "--out", str(out),
+        *tiny(tmp_path, steps=2), "model.attention.block_size=8", "data.num_test=16"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = records(out)[0]
+    with open(out / "length_generalization.csv", newline="") as f:
+        rows = {int(row["seq_len"]): row for row in csv.DictReader(f)}
+    assert rows[32]["status"] == "ok" and float(rows[32]["metric"]) == pytest.approx(trained["test/ppl"], rel=1e-6)
+    assert rows[64]["status"] == "cannot run" and "max_seq_len" in rows[64]["reason"]
+    assert "cannot run" in (out / "length_generalization.md").read_text()
+    assert (out / "length_generalization.png").stat().st_size > 0
