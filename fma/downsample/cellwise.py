@@ -32,3 +32,21 @@ def summarise(kind: str, x: torch.Tensor, width: int, rank: int, weight, bias, c
     else:
         summary = torch.einsum("bhcwi,rwio->bhcro", cells, weight)
     return (summary + bias).flatten(2, 3)
+
+
+def upward(x: torch.Tensor, num_levels: int, block_size: int, rank: int, leaf, merge, counts) -> list[torch.Tensor]:
+    """multilevel: x [batch, heads, n, d], zero at pads -> summaries of levels 1..num_levels as `summarise` gives.
+
+    Level 1 is groupedconv over m-token cells (leaf: W1 [p, m, d], b1 [p, d]). A parent's two children
+    are consecutive cells, so in cell-major order their 2p summaries are consecutive too: each coarser
+    level is groupedconv of width 2p over the finer level's summaries (merge: A [p, 2p, d], b [p, d]),
+    O(n d p) work in all. counts: `real_counts` per level, or None when nothing is padded; a child of
+    no real token is zeroed before its parent's map, so it contributes nothing (not even its bias).
+    """
+    summaries = [summarise("groupedconv", x, block_size, rank, *leaf, None)]
+    for children_counts in (counts or [None] * num_levels)[: num_levels - 1]:
+        children = summaries[-1]
+        if children_counts is not None:
+            children = children.masked_fill((children_counts == 0)[:, None, :, None], 0)
+        summaries.append(summarise("groupedconv", children, 2 * rank, rank, *merge, None))
+    return summaries

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..downsample import FUSED_KINDS, Downsample
+from ..downsample import ANY_LENGTH_KINDS, FUSED_KINDS, Downsample
 from ..errors import ConfigurationError
 from ..indexing import padded_length
 from ..layer import AttentionLayer, check_length
@@ -18,10 +18,11 @@ class FastMultipoleAttention(AttentionLayer):
     Options: block_size m (finest block), rank p (summaries per cell and level), downsample (how
     cells are summarised, separately for keys and values, see fma/downsample/), scale_coarse
     (a summary counts as the tokens it stands for: + log(w/p) on its logit), max_seq_len (the
-    longest input; learned summaries have parameters per level, and the number of levels grows
-    with length), and backend, which governs both the attention and the downsampling: "torch" (the
-    portable paths), "triton" (the fused kernels), "auto" (each part on its kernel where that
-    supports the input, e.g. CUDA, its torch path otherwise).
+    longest input for groupedconv and conv, which have parameters per level, and the number of
+    levels grows with length; avgpool and multilevel run at any length), and backend, which
+    governs both the attention and the downsampling: "torch" (the portable paths), "triton" (the
+    fused kernels), "auto" (each part on its kernel where that supports the input, e.g. CUDA, its
+    torch path otherwise).
 
     Any length works: a sequence is padded at the end to `padded_length` (m * 2^k, at least 4m).
     Padded positions, and positions marked in `padding_mask`, get exactly zero attention weight:
@@ -79,7 +80,8 @@ class FastMultipoleAttention(AttentionLayer):
 
     def attend(self, q, k, v, padding_mask):
         """q, k, v [batch, heads, n, d], padding_mask [batch, n] (True = pad) or None -> [batch, heads, n, d]."""
-        check_length(q.shape[2], self.max_seq_len, "FMA", "learned summaries exist only for the levels up to it")
+        if self.key_downsample.kind not in ANY_LENGTH_KINDS:
+            check_length(q.shape[2], self.max_seq_len, "FMA", "learned summaries exist only for the levels up to it")
         return summarised_attention(q, k, v, padding_mask, key_downsample=self.key_downsample,
                                     value_downsample=self.value_downsample, block_size=self.block_size,
                                     causal=self.causal, scale_coarse=self.scale_coarse, backend=self.backend)

@@ -1,0 +1,245 @@
+"""The multilevel learned basis (fma/downsample/cellwise.py `upward`, through the module and the FMA
+layer) against its per-cell reference (fma/downsample/naive.py): summaries, counts and gradients,
+length independence, causality, padding, its averaging initialisation, and the refused triton backend."""
+
+import pytest
+import torch
+
+from attention_testing import relative_error
+from fma import ConfigurationError, FastMultipoleAttention
+from fma.downsample import Downsample
+from fma.downsample.naive import summarise_cell
+from fma.full.naive import softmax_attention
+from fma.indexing import level_widths, padded_length
+from fma.multipole.naive import reference_multipole_attention
+
+BLOCK, RANK, HEAD_DIM = 4, 2, 8
+
+
+def randn(generator, *shape):
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+def randomise(module, seed):
+    """Random float64 parameters (not the averaging initialisation), so every filter and map matters."""
+    generator = torch.Generator().manual_seed(seed)
+    module.double()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(0.3 * randn(generator, *parameter.shape))
+    return module
+
+
+def interior_padding(generator, batch, n):
+    """[batch, n] bool: about a quarter of the positions, plus a padded tail, never position 0."""
+    mask = torch.rand(batch, n, generator=generator) < 0.25
+    mask[:, -n // 4:] = True
+    mask[:, 0] = False
+    return mask
+
+
+def reference_summaries(x, padding_mask, downsample):
+    """Per level, the summaries [batch, heads, cells * p, d] and counts [batch, cells * p], cell by cell."""
+    n = x.shape[2]
+    real = torch.ones(x.shape[0], n, dtype=torch.bool) if padding_mask is None else ~padding_mask
+    summaries, counts = [], []
+    for level, width in enumerate(level_widths(n, downsample.block_size), 1):
+        parts = [slice(c * width, (c + 1) * width) for c in range(n // width)]
+        cells = [summarise_cell(x[:, :, part], real[:, part], downsample, level) for part in parts]
+        summaries.append(torch.cat([s for s, _ in cells], 2))
+        counts.append(torch.cat([c for _, c in cells], 1))
+    return summaries, counts
+
+
+def fma_layer(kind, causal, *, seed=None, block_size=BLOCK, max_seq_len=128):
+    layer = FastMultipoleAttention(dim=2 * HEAD_DIM, num_heads=2, causal=causal, block_size=block_size, rank=RANK,
+                                   downsample=kind, max_seq_len=max_seq_len).double()
+    return layer if seed is None else randomise(layer, seed)
+
+
+# Against the reference ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size, rank", [(4, 2), (4, 3), (2, 1)])
+@pytest.mark.parametrize("n", [16, 32, 64])
+@pytest.mark.parametrize("padded", [False, True])
+def test_summaries_counts_and_gradients_match_reference(block_size, rank, n, padded):
+    generator = torch.Generator().manual_seed(n + rank)
+    downsample = randomise(Downsample("multilevel", head_dim=HEAD_DIM, block_size=block_size, rank=rank,
+                                      max_seq_len=block_size), seed=n)
+    x = randn(generator, 2, 2, n, HEAD_DIM)
+    mask = interior_padding(generator, 2, n) if padded else None
+
+    def summaries_and_gradients(summarise):
+        inputs = x.detach().requires_grad_()
+        summaries, counts = summarise(inputs, mask, downsample)
+        grads = [randn(torch.Generator().manual_seed(level), *s.shape) for level, s in enumerate(summaries)]
+        wrt = [inputs, downsample.weight, downsample.bias]
+        return summaries, counts, torch.autograd.grad(summaries, wrt, grads)
+
+    fast, fast_counts, fast_grads = summaries_and_gradients(lambda x, m, d: d(x, m, backend="torch"))
+    expected, expected_counts, expected_grads = summaries_and_gradients(reference_summaries)
+    assert len(fast) == len(level_widths(n, block_size)) == len(expected)
+    for level, (actual, wanted) in enumerate(zip(fast, expected), 1):
+        assert relative_error(actual, wanted) < 1e-12, f"level {level}"
+    if padded:
+        assert all(torch.equal(a, b) for a, b in zip(fast_counts, expected_counts))
+        assert any((c == 0).any() for c in fast_counts)  # some child is empty: its parent drops it
+    else:
+        assert fast_counts is None
+    for name, actual, wanted in zip(["dx", "d weight", "d bias"], fast_grads, expected_grads):
+        assert relative_error(actual, wanted) < 1e-12, name
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n, with_padding_mask", [(7, False), (45, False), (64, False), (45, True)])
+def test_layer_matches_reference_outputs_and_gradients(causal, n, with_padding_mask):
+    generator = torch.Generator().manual_seed(n)
+    q, k, v, grad_out = (randn(generator, 2, 2, n, HEAD_DIM) for _ in range(4))
+    padding_mask = interior_padding(generator, 2, n) if with_padding_mask else None
+    layer = fma_layer("multilevel", causal, seed=n + 1)
+
+    def reference(layer, q, k, v, padding_mask):
+        return reference_multipole_attention(q, k, v, layer.key_downsample, layer.value_downsample,
+                                             block_size=BLOCK, causal=causal, scale_coarse=True,
+                                             padding_mask=padding_mask)
+
+    def outputs_and_gradients(attention):
+        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = attention(layer, *inputs, padding_mask)
+        wrt = inputs + list(layer.key_downsample.parameters()) + list(layer.value_downsample.parameters())
+        return [out] + list(torch.autograd.grad(out, wrt, grad_out, materialize_grads=True))
+
+    fast, expected = outputs_and_gradients(FastMultipoleAttention.attend), outputs_and_gradients(reference)
+    names = ["output", "dq", "dk", "dv", "d key weight", "d key bias", "d value weight", "d value bias"]
+    assert len(fast) == len(expected) == len(names)
+    for name, actual, wanted in zip(names, fast, expected):
+        assert relative_error(actual, wanted) < 1e-10, name
+
+
+# Any length ---------------------------------------------------------------------------------------
+
+
+def test_parameters_do_not_depend_on_max_seq_len():
+    """W1 [p, m, d] and A [p, 2p, d] in one weight, b1 and b in one bias, per basis, at every max_seq_len."""
+    shapes = {}
+    for max_seq_len in (16, 256, 65536):
+        layer = fma_layer("multilevel", True, max_seq_len=max_seq_len)
+        shapes[max_seq_len] = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+        downsample = layer.key_downsample
+        assert [tuple(w.shape) for w in (downsample.level_parameters(1)[0], downsample.level_parameters(5)[0])] == [
+            (RANK, BLOCK, HEAD_DIM), (RANK, 2 * RANK, HEAD_DIM)]
+        assert downsample.level_parameters(2)[0]._base is downsample.weight
+    expected_basis = {"weight": (RANK * BLOCK + 2 * RANK * RANK, HEAD_DIM), "bias": (2 * RANK, HEAD_DIM)}
+    assert all(shapes[16][f"{basis}_downsample.{name}"] == shape
+               for basis in ("key", "value") for name, shape in expected_basis.items())
+    assert shapes[16] == shapes[256] == shapes[65536]
+
+
+@pytest.mark.parametrize("kind", ["multilevel", "avgpool"])
+def test_layer_built_for_256_tokens_runs_at_1024(kind):
+    layer = FastMultipoleAttention(dim=16, num_heads=2, causal=True, block_size=16, rank=RANK, downsample=kind,
+                                   max_seq_len=256)
+    out = layer(torch.randn(1, 1024, 16, generator=torch.Generator().manual_seed(0)))
+    assert out.shape == (1, 1024, 16) and out.isfinite().all()
+
+
+def test_groupedconv_still_refuses_inputs_past_max_seq_len():
+    layer = FastMultipoleAttention(dim=16, num_heads=2, causal=True, block_size=16, rank=RANK, max_seq_len=256)
+    with pytest.raises(ConfigurationError, match=r"model\.attention\.max_seq_len="):
+        layer(torch.randn(1, 1024, 16))
+
+
+# Causality and padding ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [32, 37])
+def test_layer_output_depends_on_every_past_position_and_no_future_one(n):
+    generator = torch.Generator().manual_seed(2)
+    layer = randomise(FastMultipoleAttention(dim=16, num_heads=2, causal=True, block_size=BLOCK, rank=RANK,
+                                             downsample="multilevel"), seed=3)
+    x = randn(generator, 1, n, 16).requires_grad_()
+    out = layer(x)
+    for i in range(n):
+        (grad,) = torch.autograd.grad(out[0, i].sum(), x, retain_graph=True)
+        assert (grad[0, i + 1:] == 0).all(), f"output {i} depends on a later position"
+        assert (grad[0, : i + 1].abs().sum(-1) > 0).all(), f"output {i} ignores an earlier position"
+
+
+@pytest.mark.parametrize("n, prefix", [(64, 21), (64, 48), (45, 33)])
+def test_changing_a_suffix_leaves_the_prefix_outputs_unchanged(n, prefix):
+    generator = torch.Generator().manual_seed(n + prefix)
+    layer = fma_layer("multilevel", True, seed=4)
+    x = randn(generator, 2, n, 2 * HEAD_DIM)
+    changed = torch.cat([x[:, :prefix], 100 * randn(generator, 2, n - prefix, 2 * HEAD_DIM)], 1)
+    out, out_changed = layer(x), layer(changed)
+    assert torch.equal(out[:, :prefix], out_changed[:, :prefix])
+    assert relative_error(out_changed[:, prefix:], out[:, prefix:]) > 1e-2
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padded_slots_change_nothing(causal):
+    """Garbage at padded positions (interior and tail) leaves the real positions' outputs unchanged,
+    and they equal the reference, which never reads a padded token."""
+    generator = torch.Generator().manual_seed(5)
+    n = 64
+    q, k, v = (randn(generator, 2, 2, n, HEAD_DIM) for _ in range(3))
+    padding_mask = interior_padding(generator, 2, n)
+    layer = fma_layer("multilevel", causal, seed=6)
+    garbage_k, garbage_v = (x.where(~padding_mask[:, None, :, None], 100 * randn(generator, *x.shape)) for x in (k, v))
+    real = ~padding_mask
+    out = layer.attend(q, k, v, padding_mask).transpose(1, 2)[real]
+    garbage_out = layer.attend(q, garbage_k, garbage_v, padding_mask).transpose(1, 2)[real]
+    expected = reference_multipole_attention(q, k, v, layer.key_downsample, layer.value_downsample, block_size=BLOCK,
+                                             causal=causal, scale_coarse=True, padding_mask=padding_mask)
+    assert relative_error(garbage_out, out) < 1e-12
+    assert relative_error(out, expected.transpose(1, 2)[real]) < 1e-10
+
+
+# Initialisation and the backend -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n", [64, 128])
+def test_initialisation_equals_avgpool(causal, n):
+    """W1 starts as segment means and A as the mean of children's summaries 2r and 2r+1, so every
+    level's summaries are avgpool's: the layers agree, and on inputs constant within the coarsest
+    cells both equal full attention."""
+    generator = torch.Generator().manual_seed(n)
+    averaged = fma_layer("avgpool", causal)
+    multilevel = fma_layer("multilevel", causal)
+    multilevel.load_state_dict(averaged.state_dict(), strict=False)  # the same projections
+    q = randn(generator, 2, 2, n, HEAD_DIM)
+    k, v = (randn(generator, 2, 2, n, HEAD_DIM) for _ in range(2))
+    assert relative_error(multilevel.attend(q, k, v, None), averaged.attend(q, k, v, None)) < 1e-12
+    x = randn(generator, 2, n, 2 * HEAD_DIM)
+    assert relative_error(multilevel(x), averaged(x)) < 1e-12
+    k, v = (randn(generator, 2, 2, 4, HEAD_DIM).repeat_interleave(n // 4, dim=2) for _ in range(2))
+    expected = softmax_attention(q, k, v, causal=causal)
+    assert relative_error(multilevel.attend(q, k, v, None), expected) < 1e-10
+
+
+def test_initialisation_with_padding_equals_groupedconv_initialisation():
+    """With padding, both start as the same linear map of the zero-filled cell (multilevel's factored
+    across levels; a dropped empty child had only a zero bias to give), with the same counts."""
+    generator = torch.Generator().manual_seed(8)
+    n = 128
+    x, mask = randn(generator, 2, 2, n, HEAD_DIM), interior_padding(generator, 2, n)
+    options = dict(head_dim=HEAD_DIM, block_size=BLOCK, rank=RANK, max_seq_len=n)
+    multilevel, multilevel_counts = Downsample("multilevel", **options).double()(x, mask)
+    grouped, grouped_counts = Downsample("groupedconv", **options).double()(x, mask)
+    assert len(multilevel) == len(grouped) == len(level_widths(padded_length(n, BLOCK), BLOCK))
+    assert all(relative_error(a, b) < 1e-12 for a, b in zip(multilevel, grouped))
+    assert all(torch.equal(a, b) for a, b in zip(multilevel_counts, grouped_counts))
+
+
+def test_triton_backend_is_refused_and_auto_takes_the_torch_path():
+    """The fused kernels do not cover multilevel: backend=triton says so and names the overrides."""
+    with pytest.raises(ConfigurationError, match=r"model\.attention\.backend=auto.*model\.attention\.downsample="):
+        FastMultipoleAttention(dim=16, num_heads=2, causal=True, block_size=BLOCK, downsample="multilevel",
+                               backend="triton")
+    downsample = Downsample("multilevel", head_dim=HEAD_DIM, block_size=BLOCK, rank=RANK, max_seq_len=64)
+    x = torch.randn(1, 2, 64, HEAD_DIM)
+    with pytest.raises(ConfigurationError, match=r"model\.attention\.backend="):
+        downsample.resolved_backend(x, "triton")
+    assert downsample.resolved_backend(x, "auto") == "torch"
