@@ -8,6 +8,7 @@ parameters, so a model can be evaluated at any `seq_len`.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,9 +19,10 @@ from fma import build_attention
 EMBEDDING_STD = 0.02  # GPT-2's initial scale of token embeddings
 
 
-def sinusoidal_positions(seq_len: int, dim: int, device=None) -> torch.Tensor:
-    """[seq_len, dim] float32: sin on even channels, cos on odd, wavelengths 2π … 10000·2π."""
-    position = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None]
+def sinusoidal_positions(seq_len: int, dim: int, device=None, start: int = 0) -> torch.Tensor:
+    """[seq_len, dim] float32 for positions start … start + seq_len - 1: sin on even channels, cos on
+    odd, wavelengths 2π … 10000·2π."""
+    position = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)[:, None]
     frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(seq_len, dim, device=device)
     table[:, 0::2] = torch.sin(position * frequency)
@@ -51,8 +53,29 @@ class Block(nn.Module):
         self.mlp = MLP(dim, mlp_ratio * dim, dropout)
 
     def forward(self, x):
-        x = x + self.attention_dropout(self.attention(self.attention_norm(x)))
+        return self.after_attention(x, self.attention(self.attention_norm(x)))
+
+    def prefill(self, x):
+        """forward(x) and the attention's decoding state."""
+        attended, state = self.attention.prefill(self.attention_norm(x))
+        return self.after_attention(x, attended), state
+
+    def step(self, x, state):
+        """x [batch, 1, dim], the next position, and the state before it -> (output, the state after it)."""
+        attended, state = self.attention.step(self.attention_norm(x), state)
+        return self.after_attention(x, attended), state
+
+    def after_attention(self, x, attended):
+        x = x + self.attention_dropout(attended)
         return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class DecodingState:
+    """Where decoding stands: `length` tokens seen (the next one's position), each block's attention state."""
+
+    length: int
+    layers: list[tuple]
 
 
 class TransformerLM(nn.Module):
@@ -64,6 +87,10 @@ class TransformerLM(nn.Module):
     `checkpoint_blocks`: in training, each block's activations are recomputed in backward rather than
     stored, so that memory holds one block's activations and every block's input: what lets a step of
     a million tokens fit on one GPU.
+
+    Decoding (causal, in eval mode): `prefill(tokens)` then `step(token, state)` give the logits that
+    one forward over the whole sequence gives, position by position; each attention kind keeps its
+    own state (fma/layer.py).
     """
 
     def __init__(self, *, vocab_size: int, causal: bool, attention: dict, dim: int = 256, depth: int = 4,
@@ -96,17 +123,36 @@ class TransformerLM(nn.Module):
         """`head=False`: the final features [batch, seq, dim] instead of logits, for a loss that applies
         `self.head` itself, only where targets are scored or a chunk at a time (at a large vocabulary
         the head is the layer with the most FLOPs)."""
-        seq_len = tokens.shape[1]
-        # Positions at the token embeddings' initial scale (sinusoids have RMS 1/sqrt(2) per channel).
-        # A larger token scale would make the tied head predict "next = current" at initialisation.
-        positions = sinusoidal_positions(seq_len, self.dim, tokens.device) * (EMBEDDING_STD * math.sqrt(2))
-        x = self.embedding(tokens) + positions.to(self.embedding.weight.dtype)
-        x = self.embedding_dropout(x)
+        x = self.embed(tokens)
         for block in self.blocks:
             # non-reentrant checkpointing replays the block's dropout masks (it restores the RNG state)
             x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and self.training else block(x)
         x = self.final_norm(x)
         return self.head(x) if head else x
+
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """tokens [batch, seq] at positions start … -> [batch, seq, dim]."""
+        # Positions at the token embeddings' initial scale (sinusoids have RMS 1/sqrt(2) per channel).
+        # A larger token scale would make the tied head predict "next = current" at initialisation.
+        positions = sinusoidal_positions(tokens.shape[1], self.dim, tokens.device, start)
+        positions = positions * (EMBEDDING_STD * math.sqrt(2))
+        return self.embedding_dropout(self.embedding(tokens) + positions.to(self.embedding.weight.dtype))
+
+    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, DecodingState]:
+        """A prompt, tokens [batch, n], in one parallel forward -> (logits [batch, n, vocab_size], the state)."""
+        x, layers = self.embed(tokens), []
+        for block in self.blocks:
+            x, state = block.prefill(x)
+            layers.append(state)
+        return self.head(self.final_norm(x)), DecodingState(tokens.shape[1], layers)
+
+    def step(self, token: torch.Tensor, state: DecodingState) -> tuple[torch.Tensor, DecodingState]:
+        """The next tokens, [batch] or [batch, 1] -> (their logits [batch, vocab_size], the state after them)."""
+        x, layers = self.embed(token.reshape(-1, 1), start=state.length), []
+        for block, block_state in zip(self.blocks, state.layers):
+            x, block_state = block.step(x, block_state)
+            layers.append(block_state)
+        return self.head(self.final_norm(x))[:, 0], DecodingState(state.length + 1, layers)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """[..., dim] -> logits [..., vocab_size], tied to the token embeddings."""

@@ -48,11 +48,22 @@ class FullAttention(AttentionLayer):
 
     def attend(self, q, k, v, padding_mask):
         if padding_mask is None:
-            kwargs = dict(is_causal=self.causal)
-        else:
-            kwargs = dict(attn_mask=visibility_mask(padding_mask, self.causal))
+            return self.sdpa(q, k, v, is_causal=self.causal)
+        return self.sdpa(q, k, v, attn_mask=visibility_mask(padding_mask, self.causal))
+
+    def sdpa(self, q, k, v, **kwargs):
+        """scaled_dot_product_attention on the kernel `backend` names."""
         if self.backend == "auto":
             with sdpa_kernel(AUTO_ORDER, set_priority=True):
                 return F.scaled_dot_product_attention(q, k, v, **kwargs)
         with sdpa_kernel(SDPA_BACKENDS[self.backend]):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    def decode_state(self, q, k, v):
+        """A KV cache: every key and value so far, 2 * batch * heads * n * head_dim numbers."""
+        return k, v
+
+    def decode_step(self, q, k, v, state):
+        """The new query sees every cached key and itself: no mask."""
+        k, v = torch.cat([state[0], k], dim=-2), torch.cat([state[1], v], dim=-2)
+        return self.sdpa(q, k, v), (k, v)

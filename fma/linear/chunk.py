@@ -6,6 +6,8 @@ Non-causal: phi(K)^T V ([d, d]) and sum_j phi(k_j) once, O(n d^2). Causal, chunk
 the quadratic form with a causal mask; across chunks the running state sum phi(k_j) v_j^T of all
 earlier chunks, one [d, d] state per chunk (never one per position). `naive.py` holds the plain
 O(n^2) formula the tests hold both paths to.
+Decoding keeps the two running sums, [d, d] and [d], and adds one position at a time
+(`running_sums`, `linear_attention_step`).
 
 Precision: the feature map and every sum run in float32 (float64 stays float64) and the output is
 cast back. In bf16, elu(x) + 1 rounds to 0 for x below about -5.5, and long sums lose the small terms.
@@ -58,3 +60,18 @@ def causal_chunked_sums(phi_q, phi_k, v, chunk_size: int) -> tuple[torch.Tensor,
 def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     """Sums over the chunks before each chunk (dim 2), starting from zero; no subtraction, so no cancellation."""
     return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2).cumsum(2)
+
+
+def running_sums(k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal decoding's state after keys and values [b, h, n, d]: sum_j phi(k_j) v_j^T [b, h, d, d] and
+    sum_j phi(k_j) [b, h, d, 1], in the compute dtype."""
+    phi_k = feature_map(k.to(torch.promote_types(k.dtype, torch.float32)))
+    return phi_k.transpose(-1, -2) @ v.to(phi_k.dtype), phi_k.sum(-2).unsqueeze(-1)
+
+
+def linear_attention_step(q, k, v, state, *, eps: float):
+    """One causal position, q, k, v [b, h, 1, d], on the `running_sums` of the positions before it:
+    (its output [b, h, 1, d] in q's dtype, the sums including it). O(d^2) whatever the length."""
+    key_state, norm = (total + new for total, new in zip(state, running_sums(k, v)))
+    phi_q = feature_map(q.to(key_state.dtype))
+    return ((phi_q @ key_state) / (phi_q @ norm + eps)).to(q.dtype), (key_state, norm)

@@ -3,7 +3,7 @@
 from ..errors import ConfigurationError
 from ..layer import AttentionLayer
 from ..registry import register_attention
-from .chunk import linear_attention
+from .chunk import linear_attention, linear_attention_step, running_sums
 
 
 @register_attention("linear")
@@ -25,3 +25,10 @@ class LinearAttention(AttentionLayer):
     def attend(self, q, k, v, padding_mask):
         return linear_attention(q, k, v, causal=self.causal, chunk_size=self.chunk_size, eps=self.eps,
                                 padding_mask=padding_mask)
+
+    def decode_state(self, q, k, v):
+        """The running sums of `chunk.running_sums`: batch * heads * (head_dim + 1) * head_dim numbers, O(1) in n."""
+        return running_sums(k, v)
+
+    def decode_step(self, q, k, v, state):
+        return linear_attention_step(q, k, v, state, eps=self.eps)

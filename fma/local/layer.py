@@ -7,6 +7,9 @@ A window of at least n is full attention. CUDA inputs without padding run on Fle
 (`flex.py`), everything else block by block (`blockwise.py`); `naive.py` is the n x n reference.
 """
 
+import torch
+import torch.nn.functional as F
+
 from ..errors import ConfigurationError
 from ..layer import AttentionLayer
 from ..registry import register_attention
@@ -37,3 +40,16 @@ class LocalAttention(AttentionLayer):
             padding_mask=padding_mask,
         )
         return (numerator / denominator).to(q.dtype)
+
+    def decode_state(self, q, k, v):
+        """The keys and values the next query sees besides its own: the last w - 1, so
+        2 * batch * heads * min(n, w - 1) * head_dim numbers, whatever the length."""
+        return self.last_keys(k), self.last_keys(v)
+
+    def decode_step(self, q, k, v, state):
+        k, v = torch.cat([state[0], k], dim=-2), torch.cat([state[1], v], dim=-2)  # the query's whole window
+        return F.scaled_dot_product_attention(q, k, v), (self.last_keys(k), self.last_keys(v))
+
+    def last_keys(self, x):
+        """[..., n, d] -> its last min(n, w - 1) positions."""
+        return x[..., max(x.shape[-2] - (self.window - 1), 0):, :]
