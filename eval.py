@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from data.cache import atomic_path
 from fma import ConfigurationError
-from train import build_module, check_shapes, configuration_error_in, load_checkpoint, recorded_config
+from train import build_module, check_shapes, exit_on_configuration_error, load_checkpoint, recorded_config
 
 log = logging.getLogger("eval")
 SPLITS = ("test", "valid", "both")
@@ -91,14 +91,7 @@ def evaluate(argv: list[str]) -> dict:
 
 
 def main() -> None:
-    try:
-        evaluate(sys.argv[1:])
-    except Exception as error:
-        user_error = configuration_error_in(error)
-        if user_error is None:
-            raise
-        print(f"\nerror: {user_error}\n", file=sys.stderr)
-        sys.exit(2)
+    exit_on_configuration_error(evaluate, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from fma import ConfigurationError
-from train import build_module, check_shapes, configuration_error_in, load_checkpoint, recorded_config
+from train import build_module, check_shapes, exit_on_configuration_error, load_checkpoint, recorded_config
 
 SETTINGS = {"ckpt_path": str, "prompt": str, "prompt_file": str, "max_new_tokens": int, "temperature": float,
             "top_k": int, "top_p": float, "seed": int, "device": str}
@@ -191,14 +191,7 @@ def generate(argv: list[str], out=sys.stdout) -> str:
 
 
 def main() -> None:
-    try:
-        generate(sys.argv[1:])
-    except Exception as error:
-        user_error = configuration_error_in(error)
-        if user_error is None:
-            raise
-        print(f"\nerror: {user_error}\n", file=sys.stderr)
-        sys.exit(2)
+    exit_on_configuration_error(generate, sys.argv[1:])
 
 
 if __name__ == "__main__":

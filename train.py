@@ -225,6 +225,19 @@ def configuration_error_in(error: BaseException) -> ConfigurationError | None:
     return error
 
 
+def exit_on_configuration_error(command, argv: list[str]) -> None:
+    """command(argv) for a key=value entry point (eval.py, generate.py): a mistake it reports (a
+    ConfigurationError) ends as one paragraph on stderr and exit code 2, anything else propagates."""
+    try:
+        command(argv)
+    except Exception as error:
+        user_error = configuration_error_in(error)
+        if user_error is None:
+            raise
+        print(f"\nerror: {user_error}\n", file=sys.stderr)
+        sys.exit(2)
+
+
 def parameter_counts(net: torch.nn.Module) -> dict[str, int]:
     """Parameters in all (the tied output head counted once), in the attention layers, outside the embedding."""
     total = sum(p.numel() for p in net.parameters())
