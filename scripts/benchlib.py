@@ -28,16 +28,18 @@ SERIES = ["full (cuDNN): model=full model.attention.backend=cudnn",
           "local w=128: model=local model.attention.window=128", "model=linear", "model=htransformer", "model=reformer"]
 
 
-def benchmark_parser(doc: str, *, lengths: list[int], tokens: int, tokens_help: str, out: str, repeats: bool = True):
-    """The arguments every benchmark takes (--repeats where it times calls itself); a script adds its
-    own before parse_args()."""
+def benchmark_parser(doc: str, *, lengths: list[int], tokens: int | None, tokens_help: str, out: str,
+                     repeats: bool = True, series: list[str] = SERIES):
+    """The arguments every benchmark takes (--tokens where it fixes tokens per batch, --repeats where it
+    times calls itself); a script adds its own before parse_args()."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--series", nargs="+", default=SERIES, metavar="SERIES",
+    parser.add_argument("--series", nargs="+", default=series, metavar="SERIES",
                         help="the rows: attention settings as train.py overrides, optionally after a label and "
                              "a colon (scripts/series.py), e.g. 'fma m=32: model=fma model.attention.block_size=32'; "
-                             "default: " + ", ".join(parse_series(one).label for one in SERIES))
+                             "default: " + ", ".join(parse_series(one).label for one in series))
     parser.add_argument("--lengths", nargs="+", type=int, default=lengths)
-    parser.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
+    if tokens is not None:
+        parser.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     if repeats:
