@@ -22,8 +22,9 @@ class AttentionLayer(nn.Module):
     built by the kind's `decode_state(q, k, v)` and advanced by its `decode_step(q, k, v, state)`. The
     shell's own pair is exact for every causal kind and O(n) in memory: it keeps the projections of
     every position so far and runs the kind's `attend` over all of them for the new one (kinds
-    without a state of their own use it: reformer, htransformer, fastmax, fma). Full, local and
-    linear attention override it with a KV cache, a window of keys and an O(1) running sum.
+    without a state of their own use it: reformer, htransformer, fastmax, FMA with `conv`). Full,
+    local and linear attention override it with a KV cache, a window of keys and an O(1) running
+    sum, FMA with its fine blocks and a few summaries per level (fma/multipole/decode.py).
     """
 
     has_causal_form = True

@@ -9,6 +9,7 @@ from ..indexing import padded_length
 from ..layer import AttentionLayer, check_length
 from ..registry import register_attention
 from .attention import BACKENDS, multipole_attention, triton_supports
+from .decode import attend_step, prompt_state
 
 
 @register_attention("fma")
@@ -80,11 +81,27 @@ class FastMultipoleAttention(AttentionLayer):
 
     def attend(self, q, k, v, padding_mask):
         """q, k, v [batch, heads, n, d], padding_mask [batch, n] (True = pad) or None -> [batch, heads, n, d]."""
-        if self.key_downsample.kind not in ANY_LENGTH_KINDS:
-            check_length(q.shape[2], self.max_seq_len, "FMA", "learned summaries exist only for the levels up to it")
+        self.check_length(q.shape[2])
         return summarised_attention(q, k, v, padding_mask, key_downsample=self.key_downsample,
                                     value_downsample=self.value_downsample, block_size=self.block_size,
                                     causal=self.causal, scale_coarse=self.scale_coarse, backend=self.backend)
+
+    def check_length(self, n: int) -> None:
+        """Refuse n positions where the summaries have parameters only up to max_seq_len (groupedconv, conv)."""
+        if self.key_downsample.kind not in ANY_LENGTH_KINDS:
+            check_length(n, self.max_seq_len, "FMA", "learned summaries exist only for the levels up to it")
+
+    def decode_state(self, q, k, v):
+        """FMA's own state (fma/multipole/decode.py), O((m + p log n) d); conv keeps the shell's O(n) one."""
+        if self.key_downsample.kind == "conv":
+            return super().decode_state(q, k, v)
+        return prompt_state(self, k, v)
+
+    def decode_step(self, q, k, v, state):
+        if self.key_downsample.kind == "conv":
+            return super().decode_step(q, k, v, state)
+        self.check_length(state.length + 1)
+        return attend_step(self, q, k, v, state)
 
 
 def resolved_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
