@@ -1,11 +1,12 @@
 """Time FMA's learned downsampling on its own, fused (Triton) against the torch path, on CUDA.
 
     python scripts/bench_downsample.py [--n 65536] [--batch 2] [--heads 8] [--dim 64] [--block-size 64]
-        [--rank 2] [--kind groupedconv|avgpool] [--dtype bf16|fp32]
+        [--rank 2] [--kind groupedconv|avgpool|conv|multilevel] [--dtype bf16|fp32]
 
 The input is a non-contiguous view [batch, heads, n, d] of a qkv-like projection, as in the model;
 gradients are taken with torch.autograd.grad (of x and the parameters, nothing accumulated). Prints
-median milliseconds (triton.testing.do_bench) of forward and of forward + backward for both paths,
+median milliseconds (triton.testing.do_bench) of forward and of forward + backward for both paths
+(the torch path alone for the kinds without a fused kernel: conv, multilevel),
 and the floor of forward + backward (x read twice, dx written, summaries written and read, at the
 H200's ~4.3 TB/s), as quoted in fma/downsample/fused.py.
 """
@@ -14,12 +15,14 @@ import argparse
 
 import torch
 
+from fma.downsample import DOWNSAMPLE_KINDS, FUSED_KINDS
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in [("n", 65536), ("batch", 2), ("heads", 8), ("dim", 64), ("block-size", 64), ("rank", 2)]:
         parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--kind", choices=["groupedconv", "avgpool"], default="groupedconv")
+    parser.add_argument("--kind", choices=DOWNSAMPLE_KINDS, default="groupedconv")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -40,7 +43,7 @@ def main():
     wrt = [x, *module.parameters()]
     layout = Layout.of(n, m, p)
     grad = torch.randn(args.batch, args.heads, layout.total, args.dim, device="cuda", dtype=dtype)
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch") if args.kind in FUSED_KINDS else ("torch",):
         def forward():
             return module(x, None, backend=backend)[0]
 
