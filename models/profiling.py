@@ -102,9 +102,11 @@ class KernelProfile(L.Callback):
     every kernel) and the same path with .md (the top kernels). The profiler slows the host, so the wall
     time it reports is an upper bound; the GPU's busy fraction is its busy time over the unprofiled
     step time (train/tokens_per_s). `trace`: also the timeline, for chrome://tracing or Perfetto, beside
-    `path` as .trace.json.gz. `host`: also record Python functions (with_stack) and add the host's time
-    per function to both files: where a step bound by the host spends it (the Python tracer slows the
-    host further, so compare functions, not wall times). Does nothing on a CPU."""
+    `path` as .trace.json.gz. `host`: also record Python stacks (with_stack) and add the host's time per
+    operator and, where the profiler's Python tracer reports them, per Python function to both files:
+    where a step bound by the host spends it (the tracer slows the host further, so compare entries,
+    not wall times). On the H200 image (torch 2.11) the table held operators and record_function
+    ranges only. Does nothing on a CPU."""
 
     def __init__(self, path: str, start_step: int = 20, steps: int = 5, trace: bool = False, host: bool = False):
         self.path, self.start_step, self.steps, self.trace, self.host = Path(path), start_step, steps, trace, host

@@ -91,7 +91,7 @@ class WallTimer:
 
 
 def main():
-    parser = benchmark_parser(__doc__, lengths=[1024, 16384, 131072, 1048576], tokens=None, tokens_help="",
+    parser = benchmark_parser(__doc__, lengths=[1024, 16384, 131072, 1048576], tokens=None,
                               out="benchmarks/decode", repeats=False, series=SERIES)
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16], help="batch sizes (default 1 16)")
     parser.add_argument("--depth", type=int, default=6)

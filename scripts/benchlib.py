@@ -28,7 +28,7 @@ SERIES = ["full (cuDNN): model=full model.attention.backend=cudnn",
           "local w=128: model=local model.attention.window=128", "model=linear", "model=htransformer", "model=reformer"]
 
 
-def benchmark_parser(doc: str, *, lengths: list[int], tokens: int | None, tokens_help: str, out: str,
+def benchmark_parser(doc: str, *, lengths: list[int], tokens: int | None, out: str, tokens_help: str = "",
                      repeats: bool = True, series: list[str] = SERIES):
     """The arguments every benchmark takes (--tokens where it fixes tokens per batch, --repeats where it
     times calls itself); a script adds its own before parse_args()."""
