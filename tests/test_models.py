@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_prefix_unchanged
+from conftest import assert_prefix_unchanged, compose_config
 from fma import ATTENTION_KINDS, ConfigurationError, build_attention
 from models import (IGNORE, AtomicCheckpointIO, CausalLM, LanguageModelMetric, LanguageModelModule, LastCheckpoint,
                     MaskedLM, TransformerLM)
@@ -161,6 +161,27 @@ def test_padding_mask_hides_padded_keys(kind, causal):
 def test_kinds_without_a_causal_form_refuse_causal(kind):
     with pytest.raises(ConfigurationError, match="objective=mlm"):
         build_attention(kind, dim=32, num_heads=4, causal=True, **KIND_OPTIONS.get(kind, {}))
+
+
+def test_fma_downsampled_queries_from_the_configs(tmp_path):
+    """model=fma objective=mlm model.attention.downsample_queries=true composes, builds as train.py
+    builds it, and trains (forward and backward reach every parameter); with objective=clm the layer
+    refuses and names both fixes."""
+    import hydra
+
+    overrides = ["model=fma", "model.attention.block_size=4", "model.attention.downsample_queries=true"]
+    cfg = compose_config(tmp_path, [*overrides, "objective=mlm"])
+    objective = hydra.utils.instantiate(cfg.objective)
+    torch.manual_seed(0)
+    net = hydra.utils.instantiate(cfg.model, vocab_size=11, causal=objective.causal, _convert_="all")
+    assert not objective.causal and net.blocks[0].attention.downsample_queries
+    batch = {"tokens": torch.randint(11, (2, cfg.data.seq_len + 1)), "first_target": torch.zeros(2, dtype=torch.long)}
+    inputs, targets = objective(batch, mask_token_id=11, vocab_size=11, generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(net(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in net.parameters() if p.requires_grad)
+    options = dict(compose_config(tmp_path, [*overrides, "objective=clm"]).model.attention)
+    with pytest.raises(ConfigurationError, match=r"objective=mlm.*model\.attention\.downsample_queries=false"):
+        build_attention(options.pop("name"), dim=32, num_heads=2, causal=True, **options)
 
 
 def test_full_layer_matches_softmax_formula():

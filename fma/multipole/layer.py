@@ -9,6 +9,7 @@ from ..indexing import padded_length
 from ..layer import AttentionLayer, check_length
 from ..registry import register_attention
 from .attention import BACKENDS, multipole_attention, triton_supports
+from .coarse_queries import coarse_query_attention
 from .decode import attend_step, prompt_state
 
 
@@ -23,7 +24,11 @@ class FastMultipoleAttention(AttentionLayer):
     levels grows with length; avgpool and multilevel run at any length), and backend, which
     governs both the attention and the downsampling: "torch" (the portable paths), "triton" (the
     fused kernels), "auto" (each part on its kernel where that supports the input, e.g. CUDA, its
-    torch path otherwise).
+    torch path otherwise). downsample_queries: the O(n) variant (fma/multipole/coarse_queries.py):
+    at every coarse level a query is represented by the mean query of its segment of w/p tokens.
+    Bidirectional only (a segment's mean holds later tokens' queries: causal=True is refused), the
+    attention on its torch path only (backend=triton is refused, auto takes torch; the downsampling
+    of keys and values still uses its kernels under auto), and p must divide m.
 
     Any length works: a sequence is padded at the end to `padded_length` (m * 2^k, at least 4m).
     Padded positions, and positions marked in `padding_mask`, get exactly zero attention weight:
@@ -45,6 +50,7 @@ class FastMultipoleAttention(AttentionLayer):
         scale_coarse: bool = True,
         backend: str = "auto",
         max_seq_len: int = 4096,
+        downsample_queries: bool = False,
     ):
         super().__init__(dim=dim, num_heads=num_heads, causal=causal)
         if block_size < 1:
@@ -73,7 +79,26 @@ class FastMultipoleAttention(AttentionLayer):
                 f"(fused: {', '.join(FUSED_KINDS)}); set model.attention.backend=auto (kernels where they "
                 f"exist) or torch, or model.attention.downsample= one of {', '.join(FUSED_KINDS)}."
             )
+        if downsample_queries and causal:
+            raise ConfigurationError(
+                "model.attention.downsample_queries=true summarises each cell's queries, so a coarse query mixes "
+                "the queries of later tokens of its cell and a causal model would see the future; it has no causal "
+                "form. Train it as a masked LM with objective=mlm, or set model.attention.downsample_queries=false."
+            )
+        if downsample_queries and backend == "triton":
+            raise ConfigurationError(
+                "model.attention.downsample_queries=true runs on the torch path only (the fused kernels do not "
+                "summarise queries); set model.attention.backend=auto or torch, or "
+                "model.attention.downsample_queries=false."
+            )
+        if downsample_queries and block_size % rank:
+            raise ConfigurationError(
+                f"downsample_queries=true averages queries over segments of block_size/rank tokens that must nest "
+                f"across levels, so rank={rank} must divide block_size={block_size}; set model.attention.rank= or "
+                f"model.attention.block_size=."
+            )
         self.block_size, self.scale_coarse, self.max_seq_len = block_size, scale_coarse, max_seq_len
+        self.downsample_queries = downsample_queries
         self.backend = backend
         basis = dict(head_dim=self.head_dim, block_size=block_size, rank=rank, max_seq_len=max_seq_len)
         self.key_downsample = Downsample(downsample, **basis)
@@ -84,7 +109,8 @@ class FastMultipoleAttention(AttentionLayer):
         self.check_length(q.shape[2])
         return summarised_attention(q, k, v, padding_mask, key_downsample=self.key_downsample,
                                     value_downsample=self.value_downsample, block_size=self.block_size,
-                                    causal=self.causal, scale_coarse=self.scale_coarse, backend=self.backend)
+                                    causal=self.causal, scale_coarse=self.scale_coarse, backend=self.backend,
+                                    downsample_queries=self.downsample_queries)
 
     def check_length(self, n: int) -> None:
         """Refuse n positions where the summaries have parameters only up to max_seq_len (groupedconv, conv)."""
@@ -110,9 +136,11 @@ def resolved_backend(backend: str, q: torch.Tensor, block_size: int) -> str:
 
 
 def summarised_attention(q, k, v, padding_mask, *, key_downsample: Downsample, value_downsample: Downsample,
-                         block_size: int, causal: bool, scale_coarse: bool, backend: str) -> torch.Tensor:
+                         block_size: int, causal: bool, scale_coarse: bool, backend: str,
+                         downsample_queries: bool = False) -> torch.Tensor:
     """FMA at any length: q, k, v [batch, heads, n, d] padded to a valid length (pads masked), keys and
-    values summarised by their Downsample modules, one multipole softmax, cropped back to n."""
+    values summarised by their Downsample modules, one multipole softmax, cropped back to n.
+    downsample_queries: the O(n) variant's torch path (bidirectional; the caller refuses causal)."""
     batch, _, n, _ = q.shape
     valid = padded_length(n, block_size)
     if valid != n or padding_mask is not None:
@@ -122,6 +150,11 @@ def summarised_attention(q, k, v, padding_mask, *, key_downsample: Downsample, v
         q, k, v = (F.pad(x, (0, 0, 0, valid - n)) for x in (q, k, v))
     coarse_k, coarse_counts = key_downsample(k, padding_mask, backend=backend)
     coarse_v, _ = value_downsample(v, padding_mask, backend=backend)
+    if downsample_queries:
+        out = coarse_query_attention(q, k, v, coarse_k, coarse_v, block_size=block_size, rank=key_downsample.rank,
+                                     scale_coarse=scale_coarse, key_padding_mask=padding_mask,
+                                     coarse_counts=coarse_counts)
+        return out[:, :, :n]
     out = multipole_attention(
         q, k, v, coarse_k, coarse_v, block_size=block_size, causal=causal, scale_coarse=scale_coarse,
         key_padding_mask=padding_mask, coarse_counts=coarse_counts, backend=resolved_backend(backend, q, block_size),

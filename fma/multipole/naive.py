@@ -3,6 +3,8 @@
 Written straight from shared/docs/fma-algorithm.md, one query and one cell at a time, in any dtype.
 Shares only `padded_length` and `level_widths` (definitions, not computation) with the fast paths,
 and takes the summaries from the downsampling's own reference. Never used for training.
+`downsample_queries=True` is the O(n) variant's definition (fma/multipole/coarse_queries.py): at each
+coarse level a query's coarse scores come from its segment's mean query instead of its own.
 """
 
 import math
@@ -49,6 +51,7 @@ def reference_multipole_attention(
     causal: bool,
     scale_coarse: bool,
     padding_mask: torch.Tensor | None = None,
+    downsample_queries: bool = False,
 ) -> torch.Tensor:
     """q, k, v [batch, heads, n, d] (any n), padding_mask [batch, n] (True = pad) -> [batch, heads, n, d].
 
@@ -57,6 +60,12 @@ def reference_multipole_attention(
     The sequence is thought of as padded to `padded_length(n)`; pads (and masked positions) are
     never attended to: fine pads get logit -inf, summaries use real tokens only with real counts.
     Every query must see at least one real key (true unless a causal prefix is all padding).
+
+    downsample_queries: the O(n) variant. At level l (width w), query i is represented by the mean of
+    the real queries of its segment, tokens [s w/p, (s+1) w/p) with s = i // (w/p) (p must divide m),
+    and that mean is what meets the level's coarse keys; fine keys still meet q_i itself, and it is
+    still one softmax over the union. Also computed for causal=True, where it is not causal (the
+    mean holds later queries of the segment): the layer refuses that, the tests show why.
     """
     batch, heads, n, head_dim = q.shape
     valid = padded_length(n, block_size)
@@ -65,8 +74,9 @@ def reference_multipole_attention(
 
     # (level, cell) -> keys, values [batch, heads, p, d] and counts [batch, p]
     summaries = {}
-    padded_k, padded_v = (F.pad(x, (0, 0, 0, valid - n)) for x in (k, v))
-    for level, w in enumerate(level_widths(valid, block_size), 1):
+    padded_q, padded_k, padded_v = (F.pad(x, (0, 0, 0, valid - n)) for x in (q, k, v))
+    widths = level_widths(valid, block_size)
+    for level, w in enumerate(widths, 1):
         for cell in range(valid // w):
             tokens = slice(cell * w, (cell + 1) * w)
             ck, counts = summarise_cell(padded_k[:, :, tokens], real[:, tokens], key_downsample, level)
@@ -79,14 +89,29 @@ def reference_multipole_attention(
         keys, values = [k[:, :, fine]], [v[:, :, fine]]
         fine_bias = torch.zeros(batch, len(fine), dtype=q.dtype, device=q.device)
         logit_bias = [fine_bias.masked_fill(~real[:, fine], -math.inf)]
-        for level_cell in coarse:
-            ck, cv, counts = summaries[level_cell]
+        queries = [q[:, :, i, None].expand(-1, -1, len(fine), -1)]  # the query meeting each key
+        for level, cell in coarse:
+            ck, cv, counts = summaries[level, cell]
             keys.append(ck)
             values.append(cv)
             weight_bias = counts.log() if scale_coarse else torch.zeros_like(counts)
             logit_bias.append(weight_bias.masked_fill(counts == 0, -math.inf))
-        scores = torch.einsum("bhd,bhsd->bhs", q[:, :, i], torch.cat(keys, 2)) / math.sqrt(head_dim)
+            query = segment_mean_query(padded_q, real, i, widths[level - 1], key_downsample.rank) \
+                if downsample_queries else q[:, :, i]
+            queries.append(query[:, :, None].expand(-1, -1, ck.shape[2], -1))
+        scores = torch.einsum("bhsd,bhsd->bhs", torch.cat(queries, 2), torch.cat(keys, 2)) / math.sqrt(head_dim)
         weights = torch.softmax(scores + torch.cat(logit_bias, 1)[:, None], dim=-1)
         outputs.append(torch.einsum("bhs,bhsd->bhd", weights, torch.cat(values, 2)))
     return torch.stack(outputs, dim=2)
 
+
+
+def segment_mean_query(q, real, i: int, width: int, rank: int) -> torch.Tensor:
+    """q [batch, heads, n, d], real [batch, n] -> [batch, heads, d]: the mean of the real queries of
+    query i's segment at a level of cell width `width` (w/p tokens; zero where none is real)."""
+    assert width % rank == 0, f"rank={rank} must divide the cell width {width}"
+    segment = width // rank
+    start = i // segment * segment
+    part, is_real = q[:, :, start:start + segment], real[:, start:start + segment]
+    total = part.masked_fill(~is_real[:, None, :, None], 0).sum(2)
+    return total / is_real.sum(1).clamp_min(1).to(q.dtype)[:, None, None]
