@@ -54,10 +54,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 
-def launch_config(block_size: int, head_dim: int) -> dict:
-    """Fixed launch parameters per (m, d); no autotuning. The loops are 2-4 tiles long, so two
-    pipeline stages suffice; 8 warps once a tile holds 128 x 128 elements."""
-    return dict(num_warps=8 if max(block_size, head_dim) >= 128 else 4, num_stages=2)
+def launch_config(kernel: str, block_size: int, head_dim: int) -> dict:
+    """Launch parameters of one kernel ("forward", "backward_query", "backward_key") for block size m and
+    head_dim d: BLOCK_N (the fine key tile; the key kernel's key and query tile, so at most m), num_warps,
+    num_stages. Fixed per (m, d), no autotuning (scripts/tune_kernels.py times the alternatives): the
+    loops are 2-4 tiles long, so two pipeline stages suffice; 8 warps once a tile holds 128 x 128."""
+    return dict(BLOCK_N=min(block_size, 64), num_warps=8 if max(block_size, head_dim) >= 128 else 4, num_stages=2)
 
 
 def triton_block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, rank, causal, scale_coarse,
@@ -135,10 +137,10 @@ def _dot_precision(dtype) -> str:
     return "tf32"  # ignored for 16-bit inputs
 
 
-def _tiles(m: int, num_coarse: int):
-    """BLOCK_N (fine key tile) and BLOCK_C (coarse tile) for block size m and C coarse slots."""
+def _coarse_tiles(num_coarse: int):
+    """BLOCK_C (coarse tile) and the number of coarse tiles for C coarse slots."""
     block_c = min(num_coarse, 64)
-    return min(m, 64), block_c, num_coarse // block_c
+    return block_c, num_coarse // block_c
 
 
 # The kernels as registered operators (torch.library): torch.compile traces a model through them
@@ -159,7 +161,7 @@ def multipole_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarse_
     batch, heads, n, head_dim = q.shape
     out = kernel_output((batch, heads, n, head_dim), q.dtype, q.device)
     lse = kernel_output((batch, heads, n), torch.float32, q.device)
-    block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
+    block_c, num_c_tiles = _coarse_tiles(coarse_index.shape[1])
     has_fine_bias = fine_bias is not None
     _multipole_forward_kernel[(n // m, batch * heads)](
         q, k, v, coarse_k, coarse_v, out, lse,
@@ -167,9 +169,9 @@ def multipole_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarse_
         *_strides(q), *_strides(k), *_strides(v), *_strides(coarse_k), *_strides(out),
         _batch_stride(fine_bias), _batch_stride(coarse_bias),
         heads, n, head_dim**-0.5 * LOG2E,
-        BLOCK_M=m, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles,
+        BLOCK_M=m, HEAD_DIM=head_dim, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles,
         CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias, PRECISION=_dot_precision(q.dtype),
-        **launch_config(m, head_dim),
+        **launch_config("forward", m, head_dim),
     )
     return out, lse
 
@@ -196,12 +198,12 @@ def multipole_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dv = kernel_output(v.shape, v.dtype, v.device)
     dcoarse = torch.zeros((2, *coarse_k.shape), dtype=torch.float32, device=q.device)  # atomics add here
     dck, dcv = dcoarse.unbind(0)
-    block_n, block_c, num_c_tiles = _tiles(m, coarse_index.shape[1])
+    block_c, num_c_tiles = _coarse_tiles(coarse_index.shape[1])
     has_fine_bias = fine_bias is not None
     fine_bias_arg = fine_bias if has_fine_bias else coarse_bias  # never read without HAS_FINE_BIAS
     fine_bias_stride = _batch_stride(fine_bias)
-    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias,
-                  PRECISION=_dot_precision(q.dtype), **launch_config(m, head_dim))
+    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias, PRECISION=_dot_precision(q.dtype))
+    key_config = launch_config("backward_key", m, head_dim)
     _multipole_backward_query_kernel[(n // m, batch * heads)](
         q, k, v, coarse_k, coarse_v, out, grad_out, lse, delta, dq, dck, dcv,
         fine_bias_arg, coarse_bias, coarse_index,
@@ -209,13 +211,13 @@ def multipole_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         *_strides(dq),
         fine_bias_stride, _batch_stride(coarse_bias),
         heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
-        BLOCK_M=m, BLOCK_N=block_n, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles, **common,
+        BLOCK_M=m, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles, **common, **launch_config("backward_query", m, head_dim),
     )
-    _multipole_backward_key_kernel[(n // block_n, batch * heads)](
+    _multipole_backward_key_kernel[(n // key_config["BLOCK_N"], batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, fine_bias_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         fine_bias_stride, heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
-        BLOCK_M=m, BLOCK_N=block_n, **common,
+        BLOCK_M=m, **common, **key_config,
     )
     return dq, dk, dv, dcoarse.to(q.dtype)
 
