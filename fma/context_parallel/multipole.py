@@ -199,7 +199,8 @@ def context_parallel_multipole_attention(q: torch.Tensor, k: torch.Tensor, v: to
     q, k, v [batch, heads, c, d]: this rank's chunk, positions [rank c, (rank + 1) c) of a sequence of
     valid length n = world c, c a multiple of layer.block_size (refused otherwise, naming the fix); no
     padding (pad and split a valid length). -> this rank's rows of the layer's attention [batch, heads, c, d],
-    differentiable. Every rank of `group` must call it for the same layer at the same point.
+    differentiable. Every rank of `group` must call it for the same layer at the same point. Runs the
+    portable torch path whatever layer.backend says (the fused kernels take a whole sequence's layout).
     """
     world, me = dist.get_world_size(group), dist.get_rank(group)
     batch, heads, chunk, head_dim = q.shape
