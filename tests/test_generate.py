@@ -63,11 +63,11 @@ def test_prefill_then_step_gives_the_logits_of_one_forward(kind):
 
 
 def state_numel(state: tuple) -> int:
-    return sum(t.numel() for t in state)
+    return sum(t.numel() for t in state if isinstance(t, torch.Tensor))
 
 
 @pytest.mark.parametrize("kind, numel, exact", [
-    ("full", lambda n, d: 2 * n * d, True),              # a KV cache
+    ("full", lambda n, d: 2 * (n + 1024) * d, False),    # a KV cache with room (capacity < 1.25 n + 1024)
     ("local", lambda n, d: 2 * min(n, M) * d, True),     # the last window - 1 keys and values
     ("linear", lambda n, d: (d + 1) * d, True),          # sum phi(k) v^T and sum phi(k)
     # fine keys of two blocks and a few summaries per level: at most this, whatever n (3 levels at max_seq_len 64)

@@ -16,6 +16,9 @@ SDPA_BACKENDS = {
 }
 # backend "auto": the first of these that supports the inputs (the CPU has math only, in effect).
 AUTO_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# One query against the cache (decoding): cuDNN builds an execution plan per key length, which every
+# step changes (about 10 ms per layer and step on the H200: benchmarks/decode), so "auto" leaves it out.
+DECODE_ORDER = AUTO_ORDER[1:]
 
 
 def visibility_mask(padding_mask: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -51,19 +54,34 @@ class FullAttention(AttentionLayer):
             return self.sdpa(q, k, v, is_causal=self.causal)
         return self.sdpa(q, k, v, attn_mask=visibility_mask(padding_mask, self.causal))
 
-    def sdpa(self, q, k, v, **kwargs):
-        """scaled_dot_product_attention on the kernel `backend` names."""
+    def sdpa(self, q, k, v, order=AUTO_ORDER, **kwargs):
+        """scaled_dot_product_attention on the kernel `backend` names ("auto": the first of `order` that runs)."""
         if self.backend == "auto":
-            with sdpa_kernel(AUTO_ORDER, set_priority=True):
+            with sdpa_kernel(order, set_priority=True):
                 return F.scaled_dot_product_attention(q, k, v, **kwargs)
         with sdpa_kernel(SDPA_BACKENDS[self.backend]):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
     def decode_state(self, q, k, v):
-        """A KV cache: every key and value so far, 2 * batch * heads * n * head_dim numbers."""
-        return k, v
+        """A KV cache: (keys, values, length), buffers [batch, heads, capacity, head_dim] whose first `length`
+        rows hold every position so far; 2 * batch * heads * capacity * head_dim numbers, capacity < 1.25 n +
+        1024. A step writes its row in place (no O(n) copy per token), so a state is consumed by `step`:
+        to branch, copy its buffers."""
+        n = k.shape[2]
+        return cache_with_room(k, n), cache_with_room(v, n), n
 
     def decode_step(self, q, k, v, state):
         """The new query sees every cached key and itself: no mask."""
-        k, v = torch.cat([state[0], k], dim=-2), torch.cat([state[1], v], dim=-2)
-        return self.sdpa(q, k, v), (k, v)
+        keys, values, length = state
+        if length == keys.shape[2]:
+            keys, values = cache_with_room(keys, length), cache_with_room(values, length)
+        keys[:, :, length:length + 1], values[:, :, length:length + 1] = k, v
+        out = self.sdpa(q, keys[:, :, :length + 1], values[:, :, :length + 1], order=DECODE_ORDER)
+        return out, (keys, values, length + 1)
+
+
+def cache_with_room(x: torch.Tensor, length: int) -> torch.Tensor:
+    """x's first `length` rows (dim 2) in a new buffer with room for max(1024, length / 4) more."""
+    buffer = x.new_empty(*x.shape[:2], length + max(1024, length // 4), x.shape[3])
+    buffer[:, :, :length] = x[:, :, :length]
+    return buffer
