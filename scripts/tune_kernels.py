@@ -88,7 +88,7 @@ def attention_kernels(n, batch, heads, d, m, p, causal, device="cuda", dtype=tor
             return mock.patch.object(fused, "launch_config", lambda name, *shape: (
                 dict(config) if name == kernel else current(name, *shape)))
 
-        yield kernel, call, current(kernel, m, d), candidates, patch
+        yield kernel, call, current(kernel, m, d, causal), candidates, patch
 
 
 def downsample_kernels(n, batch, heads, d, m, p, device="cuda", dtype=torch.bfloat16):

@@ -94,11 +94,10 @@ def test_fla_operators_pass_opcheck():
 
 
 @needs_fla
-def test_gpu_layer_auto_takes_fla_and_matches_torch():
-    """backend auto on CUDA in bf16 runs fla (with padding), close to the torch backend in float32."""
+def test_gpu_layer_on_fla_matches_torch():
+    """backend fla on CUDA in bf16 (with padding), close to the torch backend in float32."""
     torch.manual_seed(0)
-    layer = build_attention("linear", dim=256, num_heads=4, causal=True).cuda()
-    assert layer.fla_here
+    layer = build_attention("linear", dim=256, num_heads=4, causal=True, backend="fla").cuda()
     reference = build_attention("linear", dim=256, num_heads=4, causal=True, backend="torch").cuda()
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(2, 3000, 256, device="cuda")

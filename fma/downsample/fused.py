@@ -375,12 +375,13 @@ def _target_programs(x: torch.Tensor) -> int:
     return 4 * _num_sms(x.device.index or 0) if x.is_cuda else 64
 
 
-# Tile sizes (tuned on an H200, see the module docstring): E (bh, top cell) pairs per tile (the M or K
-# dimension of the batched products, >= 16), BD channels (the batch of the products), TOK tokens per
-# tile (a power of two dividing m, padded to >= 16 for the products).
+# Tile sizes (tuned on an H200 at the module docstring's shape, then at train.py's 4,096 x 16 by
+# scripts/tune_kernels.py, benchmarks/tune_kernels): E (bh, top cell) pairs per tile (the M or K
+# dimension of the batched products, >= 16, at most the pairs there are), BD channels (the batch of
+# the products), TOK tokens per tile (a power of two dividing m, padded to >= 16 for the products).
 FWD_E, FWD_BD, FWD_TOK, FWD_WARPS, FWD_STAGES = 64, 8, 16, 8, 2
-DX_E, DX_BD, DX_TOK, DX_WARPS, DX_STAGES = 32, 16, 32, 4, 2
-DW_E, DW_BD, DW_TOK, DW_WARPS, DW_STAGES = 128, 8, 16, 8, 2
+DX_E, DX_BD, DX_TOK, DX_WARPS, DX_STAGES = 128, 16, 32, 4, 2
+DW_E, DW_BD, DW_TOK, DW_WARPS, DW_STAGES = 32, 16, 32, 8, 2
 # fp32 inputs: "tf32x3" (three tf32 products, fp32-level accuracy, tensor cores) or "ieee" (exact
 # fp32 on the FMA units, ~3.5x slower at n = 64K).
 FP32_PRECISION = os.environ.get("FMA_DOWNSAMPLE_FP32_PRECISION", "tf32x3")

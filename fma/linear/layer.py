@@ -2,8 +2,9 @@
 
 backend: "torch" runs `chunk.py` (any device and dtype); "fla" runs the causal form's numerator on
 flash-linear-attention's chunked Triton kernels (`fla.py`; CUDA, fla-core installed: the `gpu`
-extra), the non-causal form on `chunk.py`'s two matmuls either way; "auto" takes fla for causal
-CUDA bf16 inputs where fla-core imports, torch elsewhere.
+extra), the non-causal form on `chunk.py`'s two matmuls either way; "auto" is torch for now: on
+the H200 (triton 3.6, fla-core 0.6.0) fla's first causal call did not finish within 80 s (its
+autotuning, or a hang: benchmarks/README.md, session 7), so fla runs only when asked for.
 """
 
 import torch
@@ -38,9 +39,6 @@ class LinearAttention(AttentionLayer):
                 f"Unknown linear backend {backend!r}; use model.attention.backend= one of auto, {', '.join(BACKENDS)}."
             )
         self.chunk_size, self.eps, self.backend = chunk_size, eps, backend
-        # Decided here, not per call (a compiled model must not trace the import): fla-core imports,
-        # for a causal layer on a machine with a GPU.
-        self.fla_here = causal and backend != "torch" and torch.cuda.is_available() and fla_available()
         if backend == "fla" and causal and not fla_available():
             raise ConfigurationError(
                 "backend=fla needs fla-core (pip install -e '.[gpu]'; it did not import here); "
@@ -54,13 +52,11 @@ class LinearAttention(AttentionLayer):
                                 padding_mask=padding_mask)
 
     def uses_fla(self, q) -> bool:
-        if self.backend == "torch":
-            return False
         if self.backend == "fla" and not q.is_cuda:
             raise ConfigurationError(
                 f"backend=fla needs CUDA tensors (got device {q.device}); set model.attention.backend=auto or torch."
             )
-        return self.backend == "fla" or (self.fla_here and q.is_cuda and q.dtype == torch.bfloat16)
+        return self.backend == "fla"
 
     def decode_state(self, q, k, v):
         """The running sums of `chunk.running_sums`: batch * heads * (head_dim + 1) * head_dim numbers, O(1) in n."""

@@ -7,7 +7,7 @@ gathered [blocks, S, d] key set or any n x n tensor.
 Forward (`_multipole_forward_kernel`), one program per (fine block of m queries, batch * head):
   - q tile [m, d] stays in registers; online softmax (flash attention) in fp32, base-2 exponents
     (scores are pre-multiplied by log2(e), so the stored log-sum-exp is in base 2 too);
-  - fine key tiles of BLOCK_N = min(m, 64) keys over the block's neighbourhood: blocks b-1, b
+  - fine key tiles of BLOCK_N keys (`launch_config`) over the block's neighbourhood: blocks b-1, b
     (causal, with the diagonal mask k <= q) or b-1, b, b+1 (bidirectional), clipped to the sequence;
     each fine key adds its padding bias (0, or -inf at pads) when a key_padding_mask is given;
   - coarse tiles of BLOCK_C summaries: the <= 2pL (causal) or 3pL (bidirectional) summaries the
@@ -54,12 +54,17 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 
-def launch_config(kernel: str, block_size: int, head_dim: int) -> dict:
-    """Launch parameters of one kernel ("forward", "backward_query", "backward_key") for block size m and
-    head_dim d: BLOCK_N (the fine key tile; the key kernel's key and query tile, so at most m), num_warps,
-    num_stages. Fixed per (m, d), no autotuning (scripts/tune_kernels.py times the alternatives): the
-    loops are 2-4 tiles long, so two pipeline stages suffice; 8 warps once a tile holds 128 x 128."""
-    return dict(BLOCK_N=min(block_size, 64), num_warps=8 if max(block_size, head_dim) >= 128 else 4, num_stages=2)
+def launch_config(kernel: str, block_size: int, head_dim: int, causal: bool) -> dict:
+    """Launch parameters of one kernel ("forward", "backward_query", "backward_key") for block size m,
+    head_dim d and the mask: BLOCK_N (the fine key tile; the key kernel's key and query tile, so at
+    most m), num_warps, num_stages. Fixed, no autotuning; scripts/tune_kernels.py times the
+    alternatives (benchmarks/tune_kernels: at 4,096 x 16, m = d = 64, causal, the forward is 16%
+    faster with both fine blocks in one tile of 2m = 128 keys, the query kernel 5% with one stage;
+    every other tried setting was slower or equal). 8 warps once a tile holds 128 x 128 elements."""
+    warps = 8 if max(block_size, head_dim) >= 128 else 4
+    if kernel == "forward" and causal and 2 * block_size <= 128:
+        return dict(BLOCK_N=2 * block_size, num_warps=warps, num_stages=2)
+    return dict(BLOCK_N=min(block_size, 64), num_warps=warps, num_stages=1 if kernel == "backward_query" else 2)
 
 
 def triton_block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, rank, causal, scale_coarse,
@@ -171,7 +176,7 @@ def multipole_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, coarse_
         heads, n, head_dim**-0.5 * LOG2E,
         BLOCK_M=m, HEAD_DIM=head_dim, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles,
         CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias, PRECISION=_dot_precision(q.dtype),
-        **launch_config("forward", m, head_dim),
+        **launch_config("forward", m, head_dim, causal),
     )
     return out, lse
 
@@ -203,7 +208,7 @@ def multipole_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     fine_bias_arg = fine_bias if has_fine_bias else coarse_bias  # never read without HAS_FINE_BIAS
     fine_bias_stride = _batch_stride(fine_bias)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_FINE_BIAS=has_fine_bias, PRECISION=_dot_precision(q.dtype))
-    key_config = launch_config("backward_key", m, head_dim)
+    key_config = launch_config("backward_key", m, head_dim, causal)
     _multipole_backward_query_kernel[(n // m, batch * heads)](
         q, k, v, coarse_k, coarse_v, out, grad_out, lse, delta, dq, dck, dcv,
         fine_bias_arg, coarse_bias, coarse_index,
@@ -211,7 +216,7 @@ def multipole_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         *_strides(dq),
         fine_bias_stride, _batch_stride(coarse_bias),
         heads, n, head_dim**-0.5 * LOG2E, head_dim**-0.5,
-        BLOCK_M=m, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles, **common, **launch_config("backward_query", m, head_dim),
+        BLOCK_M=m, BLOCK_C=block_c, NUM_C_TILES=num_c_tiles, **common, **launch_config("backward_query", m, head_dim, causal),
     )
     _multipole_backward_key_kernel[(n // key_config["BLOCK_N"], batch * heads)](
         q, k, v, grad_out, lse, delta, dk, dv, fine_bias_arg,
