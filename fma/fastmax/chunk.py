@@ -16,7 +16,9 @@ and across chunks the state of all earlier chunks, one state per chunk (never on
 phi(k) is [n, 1 + d + d^2] and the states [n / chunk_size, 1 + d + d^2, d_v + 1], so a chunk_size near
 d_v keeps the states no larger than the features. `naive.py` holds the O(n^2) formula the tests check.
 
-Precision: normalisation and every sum run in float32 (float64 stays float64); the output is cast back.
+Precision: inputs are upcast to float32 (float64 stays float64): normalisation, features and the
+running sums across chunks are float32; the output is cast back. Under autocast the matrix products
+run in bf16 with float32 accumulation, like the model's other matmuls.
 """
 
 import math

@@ -9,8 +9,11 @@ O(n^2) formula the tests hold both paths to.
 Decoding keeps the two running sums, [d, d] and [d], and adds one position at a time
 (`running_sums`, `linear_attention_step`).
 
-Precision: the feature map and every sum run in float32 (float64 stays float64) and the output is
-cast back. In bf16, elu(x) + 1 rounds to 0 for x below about -5.5, and long sums lose the small terms.
+Precision: inputs are upcast to float32 (float64 stays float64), so the feature map, the
+elementwise work and the running sums across chunks are float32, and the output is cast back (in
+bf16, elu(x) + 1 rounds to 0 for x below about -5.5, and long sums lose the small terms). Under
+autocast the matrix products still run in bf16 with float32 accumulation, like the model's other
+matmuls: each product is rounded once, never a running sum.
 """
 
 import torch

@@ -8,8 +8,9 @@ causal form. A sequence shorter than max_seq_len uses the first n columns of E a
 official (fairseq) code does. Padded keys and values are zeroed before the projection, so they add
 nothing to any projected row. `naive.py` holds the same formula summed position by position.
 
-Precision: everything runs in float32 (float64 stays float64) and the output is cast back; E K
-sums n products per entry, and bf16 logits would be rounded before the softmax.
+Precision: inputs are upcast to float32 (float64 stays float64) and the output is cast back; the
+softmax runs in float32. Under autocast the products (E K, F V, the scores) run in bf16 with float32
+accumulation, like the model's other matmuls.
 """
 
 import math
