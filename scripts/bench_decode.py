@@ -10,20 +10,21 @@ once, after one untimed call at the same length), then `net.step` decodes --step
 --warmup untimed ones. Reported: prefill ms, ms per decoded token (median over the steps, each timed
 between CUDA events), tokens/s (batch / step time), the decoding state's size after the prompt (its
 tensors summed, GiB) and peak memory. A point that runs out of memory is recorded as OOM and the
-next one runs. FMA's learned basis is built for n + warmup + steps tokens (its max_seq_len).
+next one runs. FMA's learned basis is built for n + warmup + steps tokens (its max_seq_len). The
+default full row runs backend auto: cuDNN for the prompt, flash for the one-query steps (a pinned
+`model.attention.backend=cudnn` would build a cuDNN plan for every new key length).
 """
 
 import dataclasses
 import statistics
-import time
 
 import torch
 
-from benchlib import (benchmark_parser, environment, length_table, model_config, parse_args, plot_against_length,
-                      require_cuda, write_reports)
+from benchlib import (CudaTimer, WallTimer, benchmark_parser, environment, length_table, model_config, parse_args,
+                      plot_against_length, require_cuda, write_reports)
 from models.transformer import TransformerLM
 
-SERIES = ["full (cuDNN): model=full model.attention.backend=cudnn", "local w=128: model=local model.attention.window=128",
+SERIES = ["full: model=full", "local w=128: model=local model.attention.window=128",
           "model=linear", "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2"]
 VOCAB = 256
 
@@ -65,29 +66,6 @@ def decode_point(series, seq_len: int, batch: int, size: dict, steps: int, warmu
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return {"prefill_ms": prefill_ms, "step_ms": step_ms, "tokens_per_s": batch / step_ms * 1e3,
             "state_gib": state_gib, "peak_gib": peak}
-
-
-class CudaTimer:
-    """Milliseconds between CUDA events around a block (the GPU's time, not the host's queueing)."""
-
-    def __enter__(self):
-        self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.start.record()
-
-    def __exit__(self, *exc):
-        self.end.record()
-        self.end.synchronize()
-        self.ms = self.start.elapsed_time(self.end)
-
-
-class WallTimer:
-    """The same on a CPU: wall-clock milliseconds."""
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.ms = (time.perf_counter() - self.start) * 1e3
 
 
 def main():

@@ -11,6 +11,7 @@ import platform
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -100,18 +101,38 @@ def environment() -> dict:
     }
 
 
+class CudaTimer:
+    """Milliseconds between CUDA events around a block (the GPU's time, not the host's queueing)."""
+
+    def __enter__(self):
+        self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.start.record()
+
+    def __exit__(self, *exc):
+        self.end.record()
+        self.end.synchronize()
+        self.ms = self.start.elapsed_time(self.end)
+
+
+class WallTimer:
+    """The same on a CPU: wall-clock milliseconds."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.ms = (time.perf_counter() - self.start) * 1e3
+
+
 def cuda_median_ms(step, *, warmup: int = 3, repeats: int = 10) -> float:
     """Median over `repeats` CUDA-event timings of `step()`, after `warmup` untimed calls."""
     for _ in range(warmup):
         step()
-    times = []
+    timer, times = CudaTimer(), []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        with timer:
+            step()
+        times.append(timer.ms)
     return statistics.median(times)
 
 
