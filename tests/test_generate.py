@@ -62,6 +62,43 @@ def test_prefill_then_step_gives_the_logits_of_one_forward(kind):
             torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-12, msg=f"{kind}, prompt {prompt_length}")
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", CAUSAL_KINDS)
+def test_prefill_then_step_in_low_precision(kind, dtype, tolerance):
+    """fp32 and bf16 (on the CPU): prefill then steps, against the float64 forward of the same weights,
+    by relative error over all logits (the forward in that dtype meets the same bound)."""
+    net = tiny_lm(kind)
+    tokens = torch.randint(11, (2, TOTAL), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = net(tokens)
+        net = net.to(dtype)
+        logits, _ = decoded(net, tokens, 2 * M + 1)
+        assert logits.dtype == dtype
+        assert relative_error(net(tokens), expected) < tolerance
+        assert relative_error(logits, expected) < tolerance, kind
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["full", "local", "linear", "fma"])
+def test_gpu_prefill_then_step_in_bf16(kind):
+    """On the GPU in bf16 (FMA's forward on its fused kernels, its steps on the torch state): against the
+    float64 forward on the CPU, n = 300 across FMA's blocks and levels (m = 16)."""
+    torch.manual_seed(0)
+    options = {"fma": {"block_size": 16, "max_seq_len": 512}, "local": {"window": 17}, "linear": {"chunk_size": 16}}
+    net = TransformerLM(vocab_size=11, causal=True, attention={"name": kind, **options.get(kind, {})}, dim=64,
+                        depth=2, num_heads=2).double().eval()
+    tokens = torch.randint(11, (2, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = net(tokens)
+        net = net.to("cuda", torch.bfloat16)
+        logits, _ = decoded(net, tokens.cuda(), 100)
+    assert relative_error(logits.cpu(), expected) < 1e-2
+
+
 def state_numel(state: tuple) -> int:
     return sum(t.numel() for t in state if isinstance(t, torch.Tensor))
 
