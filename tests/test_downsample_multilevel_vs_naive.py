@@ -1,19 +1,25 @@
 """The multilevel learned basis (fma/downsample/cellwise.py `upward`, through the module and the FMA
 layer) against its per-cell reference (fma/downsample/naive.py): summaries, counts and gradients,
-length independence, causality, padding, its averaging initialisation, and the refused triton backend."""
+length independence, causality, padding, its averaging initialisation, and the refused triton backend; with
+multilevel_maps=per_level (one child-to-parent map per level of max_seq_len) the same against the reference,
+its parameter count, its refusal past max_seq_len, and the chunk shares context parallelism sums."""
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from attention_testing import relative_error
+from conftest import ROOT
 from fma import ConfigurationError, FastMultipoleAttention
 from fma.downsample import Downsample
 from fma.downsample.naive import summarise_cell
 from fma.full.naive import softmax_attention
 from fma.indexing import level_widths, padded_length
 from fma.multipole.naive import reference_multipole_attention
+from models.transformer import TransformerLM
 
 BLOCK, RANK, HEAD_DIM = 4, 2, 8
+MAPS = ("shared", "per_level")
 
 
 def randn(generator, *shape):
@@ -51,22 +57,25 @@ def reference_summaries(x, padding_mask, downsample):
     return summaries, counts
 
 
-def fma_layer(kind, causal, *, seed=None, block_size=BLOCK, max_seq_len=128):
+def fma_layer(kind, causal, *, seed=None, block_size=BLOCK, max_seq_len=128, maps="shared"):
     layer = FastMultipoleAttention(dim=2 * HEAD_DIM, num_heads=2, causal=causal, block_size=block_size, rank=RANK,
-                                   downsample=kind, max_seq_len=max_seq_len).double()
+                                   downsample=kind, max_seq_len=max_seq_len, multilevel_maps=maps).double()
     return layer if seed is None else randomise(layer, seed)
 
 
 # Against the reference ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("maps", MAPS)
 @pytest.mark.parametrize("block_size, rank", [(4, 2), (4, 3), (2, 1)])
 @pytest.mark.parametrize("n", [16, 32, 64])
 @pytest.mark.parametrize("padded", [False, True])
-def test_summaries_counts_and_gradients_match_reference(block_size, rank, n, padded):
+def test_summaries_counts_and_gradients_match_reference(block_size, rank, n, padded, maps):
+    """per_level: maps for the levels of 2n, so the last map is unused here (its gradient must be zero)."""
     generator = torch.Generator().manual_seed(n + rank)
     downsample = randomise(Downsample("multilevel", head_dim=HEAD_DIM, block_size=block_size, rank=rank,
-                                      max_seq_len=block_size), seed=n)
+                                      max_seq_len=block_size if maps == "shared" else 2 * n,
+                                      multilevel_maps=maps), seed=n)
     x = randn(generator, 2, 2, n, HEAD_DIM)
     mask = interior_padding(generator, 2, n) if padded else None
 
@@ -91,13 +100,14 @@ def test_summaries_counts_and_gradients_match_reference(block_size, rank, n, pad
         assert relative_error(actual, wanted) < 1e-12, name
 
 
+@pytest.mark.parametrize("maps", MAPS)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n, with_padding_mask", [(7, False), (45, False), (64, False), (45, True)])
-def test_layer_matches_reference_outputs_and_gradients(causal, n, with_padding_mask):
+def test_layer_matches_reference_outputs_and_gradients(causal, n, with_padding_mask, maps):
     generator = torch.Generator().manual_seed(n)
     q, k, v, grad_out = (randn(generator, 2, 2, n, HEAD_DIM) for _ in range(4))
     padding_mask = interior_padding(generator, 2, n) if with_padding_mask else None
-    layer = fma_layer("multilevel", causal, seed=n + 1)
+    layer = fma_layer("multilevel", causal, seed=n + 1, max_seq_len=64, maps=maps)
 
     def reference(layer, q, k, v, padding_mask):
         return reference_multipole_attention(q, k, v, layer.key_downsample, layer.value_downsample,
@@ -134,6 +144,77 @@ def test_parameters_do_not_depend_on_max_seq_len():
     assert all(shapes[16][f"{basis}_downsample.{name}"] == shape
                for basis in ("key", "value") for name, shape in expected_basis.items())
     assert shapes[16] == shapes[256] == shapes[65536]
+
+
+def test_per_level_maps_grow_with_the_number_of_levels_only():
+    """per_level: W1 and one map A_l [p, 2p, d], b_l [p, d] per level l = 2..L of max_seq_len's valid length,
+    so shared's parameters plus L - 2 maps; separate views of one weight, each starting as the averaging map."""
+    map_numel = RANK * 2 * RANK * HEAD_DIM + RANK * HEAD_DIM  # A_l and b_l: 2 * 4 * 8 + 2 * 8 = 80
+    shared_numel = (RANK * BLOCK + 2 * RANK * RANK) * HEAD_DIM + 2 * RANK * HEAD_DIM  # (8 + 8) * 8 + 4 * 8 = 160
+    # max_seq_len -> L = log2(padded / m) - 1 levels: 16 -> 4 blocks, L = 1 (W1 only); 200 and 256 -> 64 blocks,
+    # L = 5; 257 -> 512 tokens, 128 blocks, L = 6
+    for max_seq_len, levels in [(16, 1), (200, 5), (256, 5), (257, 6)]:
+        downsample = Downsample("multilevel", head_dim=HEAD_DIM, block_size=BLOCK, rank=RANK, max_seq_len=max_seq_len,
+                                multilevel_maps="per_level")
+        assert len(level_widths(padded_length(max_seq_len, BLOCK), BLOCK)) == levels == downsample.num_levels
+        assert sum(p.numel() for p in downsample.parameters()) == shared_numel + (levels - 2) * map_numel, max_seq_len
+        assert tuple(downsample.weight.shape) == (RANK * BLOCK + (levels - 1) * 2 * RANK * RANK, HEAD_DIM)
+        assert tuple(downsample.bias.shape) == (levels * RANK, HEAD_DIM)
+    assert sum(p.numel() for p in downsample.parameters()) == 160 + 4 * 80 == 480
+    maps = [downsample.level_parameters(level) for level in range(2, levels + 1)]
+    assert all(w.shape == (RANK, 2 * RANK, HEAD_DIM) and b.shape == (RANK, HEAD_DIM) and w._base is downsample.weight
+               for w, b in maps)
+    assert len({w.data_ptr() for w, _ in maps}) == levels - 1  # distinct maps, not one reused
+    shared = Downsample("multilevel", head_dim=HEAD_DIM, block_size=BLOCK, rank=RANK, max_seq_len=257)
+    assert shared.num_levels is None and shared.any_length and not downsample.any_length
+    assert all(torch.equal(w, shared.level_parameters(2)[0]) and not b.any() for w, b in maps)
+
+
+def test_per_level_refuses_inputs_past_max_seq_len():
+    """As groupedconv: the layer names the fix; so does the module asked for a level it has no map for."""
+    layer = fma_layer("multilevel", True, max_seq_len=64, maps="per_level")
+    layer(torch.randn(1, 64, 2 * HEAD_DIM, dtype=torch.float64))
+    with pytest.raises(ConfigurationError, match=r"max_seq_len=64.*model\.attention\.max_seq_len="):
+        layer(torch.randn(1, 65, 2 * HEAD_DIM, dtype=torch.float64))
+    with pytest.raises(ConfigurationError, match=r"model\.attention\.max_seq_len="):
+        layer.key_downsample(torch.randn(1, 2, 128, HEAD_DIM, dtype=torch.float64), backend="torch")
+
+
+def test_multilevel_maps_option_is_checked_and_threaded_from_the_model():
+    """configs/model/fma.yaml sets multilevel_maps (default shared); the model's attention options reach both
+    bases; an unknown value, or per_level with another downsampling, is refused naming the override."""
+    assert OmegaConf.load(ROOT / "configs" / "model" / "fma.yaml").attention.multilevel_maps == "shared"
+    attention = dict(name="fma", block_size=4, rank=2, downsample="multilevel", multilevel_maps="per_level",
+                     max_seq_len=64)
+    layer = TransformerLM(vocab_size=11, causal=True, attention=attention, dim=16, depth=1, num_heads=2).blocks[0]
+    bases = (layer.attention.key_downsample, layer.attention.value_downsample)
+    assert [(basis.multilevel_maps, basis.num_levels) for basis in bases] == [("per_level", 3)] * 2
+    with pytest.raises(ConfigurationError, match=r"model\.attention\.multilevel_maps= one of shared, per_level"):
+        fma_layer("multilevel", True, maps="per_layer")
+    with pytest.raises(ConfigurationError, match=r"multilevel_maps=shared or model\.attention\.downsample=multilevel"):
+        fma_layer("groupedconv", True, maps="per_level")
+
+
+def test_per_level_chunk_shares_add_up_to_the_summaries():
+    """Context parallelism reads each level's own map: 16 chunks of 8 tokens, n = 128, m = 2 (cells of width
+    16 and 32 span chunks), the shares summed over their chunks equal the whole sequence's summaries."""
+    from fma.context_parallel.multipole import chunk_summaries
+
+    n, m, world = 128, 2, 16
+    downsample = randomise(Downsample("multilevel", head_dim=4, block_size=m, rank=2, max_seq_len=n,
+                                      multilevel_maps="per_level"), seed=5)
+    x = randn(torch.Generator().manual_seed(6), 2, 3, n, 4)
+    expected, _ = downsample(x, backend="torch")
+    chunk = n // world
+    shares = [chunk_summaries(downsample, x[:, :, r * chunk:(r + 1) * chunk], r * chunk, n) for r in range(world)]
+    for level, width in enumerate(level_widths(n, m)):
+        if width <= chunk:
+            got = torch.cat([share[level] for share in shares], dim=2)
+        else:
+            per_cell = width // chunk
+            got = torch.cat([sum(shares[r][level] for r in range(c * per_cell, (c + 1) * per_cell))
+                             for c in range(n // width)], dim=2)
+        assert relative_error(got, expected[level]) < 1e-12, f"width {width}"
 
 
 @pytest.mark.parametrize("kind", ["multilevel", "avgpool"])
@@ -199,15 +280,16 @@ def test_padded_slots_change_nothing(causal):
 # Initialisation and the backend -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("maps", MAPS)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n", [64, 128])
-def test_initialisation_equals_avgpool(causal, n):
-    """W1 starts as segment means and A as the mean of children's summaries 2r and 2r+1, so every
-    level's summaries are avgpool's: the layers agree, and on inputs constant within the coarsest
-    cells both equal full attention."""
+def test_initialisation_equals_avgpool(causal, n, maps):
+    """W1 starts as segment means and A (each A_l) as the mean of children's summaries 2r and 2r+1, so
+    every level's summaries are avgpool's: the layers agree, and on inputs constant within the coarsest
+    cells both equal full attention. per_level therefore starts equal to shared."""
     generator = torch.Generator().manual_seed(n)
     averaged = fma_layer("avgpool", causal)
-    multilevel = fma_layer("multilevel", causal)
+    multilevel = fma_layer("multilevel", causal, maps=maps)
     multilevel.load_state_dict(averaged.state_dict(), strict=False)  # the same projections
     q = randn(generator, 2, 2, n, HEAD_DIM)
     k, v = (randn(generator, 2, 2, n, HEAD_DIM) for _ in range(2))

@@ -10,7 +10,7 @@ What a rank needs from the others, per layer (keys and values each, batch and he
   w <= c these are at most two cells (causal; bidirectional two on each side, three at w = c), each one rank's own
   complete summary. A cell wider than a chunk is the sum of its w / c chunks' shares (every basis is
   affine in its tokens: groupedconv and conv are a bias plus a sum of filtered tokens, avgpool a sum of
-  tokens over the segment width, multilevel a bias plus its children's summaries under the map A), and
+  tokens over the segment width, multilevel a bias plus its children's summaries under its level's map A_l), and
   each rank whose chunk lies in it sends its share [p, d] straight to the rank that needs the cell, which
   adds them; the bias travels once, with the cell's first chunk. A rank's queries see at most two such
   cells per level causal (three bidirectional), none of them its own.
@@ -124,18 +124,17 @@ def chunk_summaries(downsample, x: torch.Tensor, start: int, n: int) -> list[tor
     widths = level_widths(n, m)
     inside = [w for w in widths if w <= chunk]
     if kind == "multilevel":
-        summaries = upward(x, len(inside), m, p, downsample.level_parameters(1), downsample.level_parameters(2), None)
-        weight, bias = downsample.level_parameters(2)
+        parameters = downsample.parameters_of_levels(len(widths))
+        summaries = upward(x, m, p, parameters[:len(inside)], None)
         share = summaries[-1]  # the chunk is one cell of width c here: [batch, heads, p, d]
-        for width in widths[len(inside):]:
+        for width, (weight, bias) in zip(widths[len(inside):], parameters[len(inside):]):
             side = start // (width // 2) % 2  # which child of its parent the finer share belongs to
             share = (share.unsqueeze(2) * weight[:, side * p:(side + 1) * p]).sum(3)
             share = share + bias if start % width == 0 else share  # the parent's bias: once, first chunk
             summaries.append(share)
         return summaries
     summaries = []
-    for level, width in enumerate(widths, 1):
-        weight, bias = downsample.level_parameters(level) if downsample.weight is not None else (None, None)
+    for width, (weight, bias) in zip(widths, downsample.parameters_of_levels(len(widths))):
         if width <= chunk:
             summaries.append(summarise(kind, x, width, p, weight, bias, None))
             continue

@@ -34,17 +34,19 @@ def summarise(kind: str, x: torch.Tensor, width: int, rank: int, weight, bias, c
     return (summary + bias).flatten(2, 3)
 
 
-def upward(x: torch.Tensor, num_levels: int, block_size: int, rank: int, leaf, merge, counts) -> list[torch.Tensor]:
-    """multilevel: x [batch, heads, n, d], zero at pads -> summaries of levels 1..num_levels as `summarise` gives.
+def upward(x: torch.Tensor, block_size: int, rank: int, parameters, counts) -> list[torch.Tensor]:
+    """multilevel: x [batch, heads, n, d], zero at pads -> summaries of levels 1..len(parameters) as `summarise` gives.
 
-    Level 1 is groupedconv over m-token cells (leaf: W1 [p, m, d], b1 [p, d]). A parent's two children
-    are consecutive cells, so in cell-major order their 2p summaries are consecutive too: each coarser
-    level is groupedconv of width 2p over the finer level's summaries (merge: A [p, 2p, d], b [p, d]),
-    O(n d p) work in all. counts: `real_counts` per level, or None when nothing is padded; a child of
-    no real token is zeroed before its parent's map, so it contributes nothing (not even its bias).
+    parameters: per level, `Downsample.level_parameters`: level 1's (W1 [p, m, d], b1 [p, d]), groupedconv
+    over m-token cells, then each coarser level's map (A_l [p, 2p, d], b_l [p, d]; shared maps: the same
+    views at every level). A parent's two children are consecutive cells, so in cell-major order their 2p
+    summaries are consecutive too: each coarser level is groupedconv of width 2p over the finer level's
+    summaries, O(n d p) work in all. counts: `real_counts` per level, or None when nothing is padded; a
+    child of no real token is zeroed before its parent's map, so it contributes nothing (not even its bias).
     """
+    leaf, *maps = parameters
     summaries = [summarise("groupedconv", x, block_size, rank, *leaf, None)]
-    for children_counts in (counts or [None] * num_levels)[: num_levels - 1]:
+    for merge, children_counts in zip(maps, counts or [None] * len(maps)):
         children = summaries[-1]
         if children_counts is not None:
             children = children.masked_fill((children_counts == 0)[:, None, :, None], 0)

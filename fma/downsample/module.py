@@ -8,10 +8,13 @@ Kinds (shared/docs/fma-algorithm.md), all shared across heads, one set of parame
 - avgpool: the p summaries are means of w_l / p consecutive tokens; nothing is learned.
 - multilevel (the Fast Multipole Method's upward pass): level 1 as groupedconv over m-token cells,
   W1 [p, m, d], b1 [p, d]; every coarser level's p summaries of a cell from the 2p summaries of its
-  two children (child 0's p, then child 1's) by one child-to-parent map per channel shared by all
-  levels, S_{l+1}[c, r] = b[r] + sum_{j<2p} A[r, j] S_l[2c + j // p, j % p], A [p, 2p, d], b [p, d].
-  The parameters do not depend on the length, so it runs at any length (as avgpool does), with
-  O(n d p) work. Shared rather than per-level maps keep that property; a level embedding is left out.
+  two children (child 0's p, then child 1's) by a child-to-parent map per channel,
+  S_l[c, r] = b_l[r] + sum_{j<2p} A_l[r, j] S_{l-1}[2c + j // p, j % p], A_l [p, 2p, d], b_l [p, d],
+  O(n d p) work. `multilevel_maps`: "shared" (default): one map A, b for all levels l >= 2, so the
+  parameters do not depend on the length and it runs at any length (as avgpool does); "per_level":
+  one map per level l = 2..L of max_seq_len's levels, parameters growing with the number of levels
+  only, refused past max_seq_len (as groupedconv). Both are the same code: shared reads one map at
+  every level. No level embedding.
 A summary mixes only tokens of its own cell, which keeps the causal version leak-free.
 
 Two paths, chosen by `backend` (the FMA layer passes its own): "torch" (`cellwise.py`, any device),
@@ -33,6 +36,7 @@ from .cellwise import real_counts, summarise, upward
 DOWNSAMPLE_KINDS = ("groupedconv", "conv", "avgpool", "multilevel")
 FUSED_KINDS = ("groupedconv", "avgpool")
 ANY_LENGTH_KINDS = ("avgpool", "multilevel")  # parameters (if any) independent of the length: no max_seq_len
+MULTILEVEL_MAPS = ("shared", "per_level")  # multilevel's child-to-parent maps: per_level is not of any length
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -48,20 +52,35 @@ class Downsample(nn.Module):
     the real count; multilevel also drops a child cell of no real token from its parent's map (its
     summaries are zeroed: its bias would otherwise stand in for tokens that do not exist), so without
     biases it is groupedconv with filters factored across levels. groupedconv and conv have parameters
-    for the levels of lengths up to `max_seq_len` (`level_parameters`); the other kinds ignore it.
+    for the levels of lengths up to `max_seq_len` (`level_parameters`), and so does multilevel with
+    multilevel_maps="per_level" (`any_length` is False for these three); the other kinds ignore it.
     """
 
-    def __init__(self, kind: str, *, head_dim: int, block_size: int, rank: int, max_seq_len: int):
+    def __init__(self, kind: str, *, head_dim: int, block_size: int, rank: int, max_seq_len: int,
+                 multilevel_maps: str = "shared"):
         super().__init__()
         if kind not in DOWNSAMPLE_KINDS:
             raise ConfigurationError(
                 f"Unknown downsampling {kind!r}; use model.attention.downsample= one of {', '.join(DOWNSAMPLE_KINDS)}."
             )
-        self.kind, self.block_size, self.rank = kind, block_size, rank
-        # multilevel's two filter banks have groupedconv's form: W1 over a cell's m tokens, A over the
-        # 2p summaries of a parent's two children.
-        learned_widths = ([] if kind == "avgpool" else [block_size, 2 * rank] if kind == "multilevel"
-                          else level_widths(padded_length(max_seq_len, block_size), block_size))
+        if multilevel_maps not in MULTILEVEL_MAPS:
+            raise ConfigurationError(
+                f"Unknown multilevel_maps {multilevel_maps!r}; use model.attention.multilevel_maps= one of "
+                f"{', '.join(MULTILEVEL_MAPS)}."
+            )
+        if multilevel_maps != "shared" and kind != "multilevel":
+            raise ConfigurationError(
+                f"model.attention.multilevel_maps={multilevel_maps} chooses downsample=multilevel's child-to-parent "
+                f"maps, and downsample={kind} has none; set model.attention.multilevel_maps=shared or "
+                f"model.attention.downsample=multilevel."
+            )
+        self.kind, self.block_size, self.rank, self.multilevel_maps = kind, block_size, rank, multilevel_maps
+        levels = level_widths(padded_length(max_seq_len, block_size), block_size)
+        # multilevel's filter banks have groupedconv's form: W1 over a cell's m tokens, then the maps A
+        # (one shared, or one per level 2..L) over the 2p summaries of a parent's two children.
+        maps = 1 if multilevel_maps == "shared" else len(levels) - 1
+        learned_widths = ([] if kind == "avgpool" else [block_size] + [2 * rank] * maps if kind == "multilevel"
+                          else levels)
         # Start every filter as the mean of its own 1/p of the cell: the coarse keys begin as the
         # avgpool summaries, for which scaled FMA is exact on inputs constant within cells, so
         # training starts from a sound approximation of full attention rather than from noise.
@@ -76,15 +95,32 @@ class Downsample(nn.Module):
         # walk each step, and the fused kernels read it as it is): weight [sum_l p w_l (d), d], rows
         # level-major, level l's filters W_l [p, w_l, d] (groupedconv) or [p, w_l, d, d] (conv) in
         # order; bias [L p, d], level l's [p, d] at rows (l-1) p .. l p. multilevel: W1 then A,
-        # weight [p m + 2 p^2, d], bias [2p, d] (b1, then b).
+        # weight [p m + 2 p^2, d], bias [2p, d] (b1, then b); per_level: W1, A_2, ..., A_L,
+        # weight [p m + (L-1) 2 p^2, d], bias [L p, d] (b1, b_2, ..., b_L).
         self.weight = nn.Parameter(torch.cat([f.reshape(-1, head_dim) for f in filters])) if filters else None
         self.bias = nn.Parameter(torch.zeros(len(filters) * rank, head_dim)) if filters else None
         self.filter_shapes = [tuple(f.shape) for f in filters]
 
+    @property
+    def any_length(self) -> bool:
+        """Whether its parameters (if any) are independent of the length: no max_seq_len to respect."""
+        return self.kind in ANY_LENGTH_KINDS and self.multilevel_maps == "shared"
+
+    @property
+    def num_levels(self) -> int | None:
+        """The levels it has parameters for (those of max_seq_len's valid length), None if any_length."""
+        return None if self.any_length else len(self.filter_shapes)
+
     def level_parameters(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Level `level` (1-based)'s filters W_l [p, w_l, d] or [p, w_l, d, d] and bias [p, d]: views.
-        multilevel: W1 [p, m, d] at level 1, the shared child-to-parent map A [p, 2p, d] above it."""
-        bank = min(level, 2) if self.kind == "multilevel" else level
+        multilevel: W1 [p, m, d] at level 1, the child-to-parent map A_l [p, 2p, d] above it (shared:
+        the same A at every level)."""
+        bank = min(level, 2) if self.kind == "multilevel" and self.multilevel_maps == "shared" else level
+        if bank > len(self.filter_shapes):
+            raise ConfigurationError(
+                f"downsample={self.kind} has parameters for {len(self.filter_shapes)} levels (those of its "
+                f"max_seq_len), not level {level}; lower data.seq_len= or raise model.attention.max_seq_len=."
+            )
         sizes = [math.prod(shape) // shape[-1] for shape in self.filter_shapes]
         start = sum(sizes[: bank - 1])
         weight = self.weight[start:start + sizes[bank - 1]].view(self.filter_shapes[bank - 1])
@@ -103,14 +139,18 @@ class Downsample(nn.Module):
 
             buffer = fused_summaries(x, self.kind, self.block_size, self.rank, self.weight, self.bias, counts)
             return split_levels(buffer, self.block_size, self.rank), counts
+        parameters = self.parameters_of_levels(len(widths))
         if self.kind == "multilevel":
-            return upward(x, len(widths), self.block_size, self.rank, self.level_parameters(1),
-                          self.level_parameters(2), counts), counts
-        parameters = ([self.level_parameters(level) for level in range(1, len(widths) + 1)] if self.weight is not None
-                      else [(None, None)] * len(widths))
+            return upward(x, self.block_size, self.rank, parameters, counts), counts
         summaries = [summarise(self.kind, x, width, self.rank, weight, bias, count) for width, (weight, bias), count
                      in zip(widths, parameters, counts or [None] * len(widths))]
         return summaries, counts
+
+    def parameters_of_levels(self, count: int) -> list[tuple]:
+        """`level_parameters` of levels 1..count ((None, None) each for avgpool)."""
+        if self.weight is None:
+            return [(None, None)] * count
+        return [self.level_parameters(level) for level in range(1, count + 1)]
 
     def resolved_backend(self, x: torch.Tensor, backend: str) -> str:
         """The path that summarises x: "auto" takes triton for CUDA inputs it supports. An explicit

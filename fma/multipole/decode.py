@@ -9,11 +9,12 @@ length has. So after n positions a layer keeps, for keys and for values (batch a
   (at most 3: the previous parent's two children and the current parent's first), and `partial`, the
   cell being filled as sum_t W[r, t] x_t over its tokens so far (its summary less the bias; avgpool: W =
   `segment_average`, the means), which plus the bias is the cell's summary once it completes. multilevel
-  keeps a partial at level 1 only: a coarser cell is its two children's 2p summaries under the shared map
-  A, formed when the second child completes.
+  keeps a partial at level 1 only: a coarser cell is its two children's 2p summaries under its level's map
+  A_l (shared: one A), formed when the second child completes.
 Levels: groupedconv: every level it has filters for (those of max_seq_len); avgpool: level 1, and level
 l + 1 from level l's first cell when that completes (segment means of a half cell pool exactly);
-multilevel: level 1, and each coarser one when its first cell completes. With L levels that is at most
+multilevel: level 1, and each coarser one when its first cell completes (per_level maps: up to the levels
+it has maps for, those of max_seq_len, past which a step is refused). With L levels that is at most
 2 d (2m - 1 + 4 p L) numbers per batch row and head (`max_numel`).
 """
 
@@ -79,9 +80,9 @@ def stored_widths(downsample, n: int, block_size: int) -> list[int]:
     """The cell widths of the levels a state after n positions holds (module docstring)."""
     if downsample.kind == "groupedconv":
         count = len(downsample.filter_shapes)
-    else:  # levels l with w_l <= reach, besides level 1
+    else:  # levels l with w_l <= reach, besides level 1; multilevel per_level: those it has maps for
         reach = 2 * n if downsample.kind == "avgpool" else n
-        count = max(1, (reach // block_size).bit_length())
+        count = min(max(1, (reach // block_size).bit_length()), downsample.num_levels or math.inf)
     return [block_size << level for level in range(count)]
 
 
@@ -94,11 +95,9 @@ def prompt_levels(downsample, x: torch.Tensor, widths: list[int], block_size: in
         return F.pad(x, (0, 0, 0, (n // width + 1) * width - n))
 
     if downsample.kind == "multilevel":
-        summaries = upward(zero_filled(widths[-1]), len(widths), block_size, p, downsample.level_parameters(1),
-                           downsample.level_parameters(2), None)
+        summaries = upward(zero_filled(widths[-1]), block_size, p, downsample.parameters_of_levels(len(widths)), None)
     else:
-        parameters = [downsample.level_parameters(level) if downsample.weight is not None else (None, None)
-                      for level in range(1, len(widths) + 1)]
+        parameters = downsample.parameters_of_levels(len(widths))
         summaries = [summarise(downsample.kind, zero_filled(width), width, p, weight, bias, None)
                      for width, (weight, bias) in zip(widths, parameters)]
     levels = []
@@ -159,7 +158,9 @@ def next_state(layer, state: MultipoleState, k: torch.Tensor, v: torch.Tensor) -
         level, finished = advanced(level, number, sides, i, finished, levels[-1] if levels else None, p)
         levels.append(level)
     top = levels[-1]
-    if finished is not None and finished % 2 and layer.key_downsample.kind == "multilevel":  # top's cell 1: new level
+    multilevel = layer.key_downsample.kind == "multilevel"
+    if finished is not None and finished % 2 and multilevel and len(levels) != layer.key_downsample.num_levels:
+        # top's cell 1 completed: a new level (per_level maps: unless its map would lie past max_seq_len's levels)
         empty = Level(2 * top.width, tuple(x[:, :, :0] for x in top.summaries), None)
         levels.append(advanced(empty, len(levels) + 1, sides, i, finished, top, p)[0])
     elif finished is not None and layer.key_downsample.kind == "avgpool" and n == top.width:
@@ -181,7 +182,8 @@ def advanced(level: Level, number: int, sides, i: int, below: int | None, finer:
             cell = tuple(s if bias is None else s + bias for s, (_, bias) in zip(partial, filters))
             partial = tuple(torch.zeros_like(s) for s in partial)
     elif below is not None and below % 2:  # multilevel: the second child completed; the finer level keeps both last
-        cell = tuple(summarise("groupedconv", children[:, :, -2 * p:], 2 * p, p, *downsample.level_parameters(2), None)
+        cell = tuple(summarise("groupedconv", children[:, :, -2 * p:], 2 * p, p, *downsample.level_parameters(number),
+                               None)
                      for children, (downsample, _) in zip(finer.summaries, sides))
     if cell is None:
         return Level(width, level.summaries, partial), None

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..downsample import ANY_LENGTH_KINDS, FUSED_KINDS, Downsample
+from ..downsample import FUSED_KINDS, Downsample
 from ..errors import ConfigurationError
 from ..indexing import padded_length
 from ..layer import AttentionLayer, check_length
@@ -18,10 +18,12 @@ class FastMultipoleAttention(AttentionLayer):
     """Fine attention to neighbour blocks, learned coarse summaries farther away, one softmax.
 
     Options: block_size m (finest block), rank p (summaries per cell and level), downsample (how
-    cells are summarised, separately for keys and values, see fma/downsample/), scale_coarse
+    cells are summarised, separately for keys and values, see fma/downsample/), multilevel_maps
+    (multilevel's child-to-parent maps: "shared" by all levels, or "per_level"), scale_coarse
     (a summary counts as the tokens it stands for: + log(w/p) on its logit), max_seq_len (the
-    longest input for groupedconv and conv, which have parameters per level, and the number of
-    levels grows with length; avgpool and multilevel run at any length), and backend, which
+    longest input for groupedconv, conv and multilevel with per_level maps, which have parameters
+    per level, and the number of levels grows with length; avgpool and multilevel with shared maps
+    run at any length), and backend, which
     governs both the attention and the downsampling: "torch" (the portable paths), "triton" (the
     fused kernels), "auto" (each part on its kernel where that supports the input, e.g. CUDA, its
     torch path otherwise). downsample_queries: the O(n) variant (fma/multipole/coarse_queries.py):
@@ -51,6 +53,7 @@ class FastMultipoleAttention(AttentionLayer):
         backend: str = "auto",
         max_seq_len: int = 4096,
         downsample_queries: bool = False,
+        multilevel_maps: str = "shared",
     ):
         super().__init__(dim=dim, num_heads=num_heads, causal=causal)
         if block_size < 1:
@@ -100,7 +103,8 @@ class FastMultipoleAttention(AttentionLayer):
         self.block_size, self.scale_coarse, self.max_seq_len = block_size, scale_coarse, max_seq_len
         self.downsample_queries = downsample_queries
         self.backend = backend
-        basis = dict(head_dim=self.head_dim, block_size=block_size, rank=rank, max_seq_len=max_seq_len)
+        basis = dict(head_dim=self.head_dim, block_size=block_size, rank=rank, max_seq_len=max_seq_len,
+                     multilevel_maps=multilevel_maps)
         self.key_downsample = Downsample(downsample, **basis)
         self.value_downsample = Downsample(downsample, **basis)
 
@@ -113,8 +117,9 @@ class FastMultipoleAttention(AttentionLayer):
                                     downsample_queries=self.downsample_queries)
 
     def check_length(self, n: int) -> None:
-        """Refuse n positions where the summaries have parameters only up to max_seq_len (groupedconv, conv)."""
-        if self.key_downsample.kind not in ANY_LENGTH_KINDS:
+        """Refuse n positions where the summaries have parameters only up to max_seq_len (groupedconv, conv,
+        multilevel with per_level maps: `Downsample.any_length`)."""
+        if not self.key_downsample.any_length:
             check_length(n, self.max_seq_len, "FMA", "learned summaries exist only for the levels up to it")
 
     def decode_state(self, q, k, v):
