@@ -76,13 +76,16 @@ def build_module(cfg: DictConfig, config: dict) -> tuple:
     """(data module, LanguageModelModule, trainer config) of cfg; `config` is what the module records."""
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()  # the model's vocabulary size comes from the data (a trained BPE)
+    context_parallel = bool(cfg.get("context_parallel", False))  # absent from older checkpoints' configs
+    datamodule.same_rows_on_every_rank = context_parallel
     objective = hydra.utils.instantiate(cfg.objective)
     net = hydra.utils.instantiate(cfg.model, vocab_size=datamodule.vocab_size, causal=objective.causal,
                                   _convert_="all")
     trainer_cfg = trainer_config(cfg)
     module = LanguageModelModule(net, objective, metric=datamodule.metric, optim=OmegaConf.to_container(cfg.optim),
                                  seed=cfg.seed, compile=compile_mode(cfg, trainer_cfg),
-                                 loss_chunk_tokens=cfg.loss_chunk_tokens, config=config)
+                                 loss_chunk_tokens=cfg.loss_chunk_tokens, config=config,
+                                 context_parallel=context_parallel)
     return datamodule, module, trainer_cfg
 
 
@@ -210,9 +213,12 @@ def on_gpu(trainer_cfg: DictConfig) -> bool:
 def compile_mode(cfg: DictConfig, trainer_cfg: DictConfig) -> bool | str:
     """cfg.compile with `auto` decided: reduce-overhead (CUDA graphs) when training on one GPU, where
     the launch cost bounds small and mid-sized steps (benchmarks/README.md); eager elsewhere (on a CPU
-    compiling costs more than it saves in a short run; compiled multi-device training is not measured)."""
+    compiling costs more than it saves in a short run; compiled multi-device training is not measured; context
+    parallelism runs eager)."""
     if cfg.compile != "auto":
         return cfg.compile
+    if cfg.get("context_parallel", False):
+        return False
     devices = trainer_cfg.devices
     one_device = devices == 1 or (OmegaConf.is_list(devices) and len(devices) == 1)
     return "reduce-overhead" if on_gpu(trainer_cfg) and one_device and trainer_cfg.get("num_nodes", 1) == 1 else False

@@ -84,6 +84,9 @@ class TokenDataModule(L.LightningDataModule):
 
     vocab_size: int | None = None
     metric: str | None = None
+    # Context parallelism (train.py's context_parallel=true sets it): every rank gets the same rows, those of
+    # one process, and the LightningModule gives each rank its contiguous slice of every sequence.
+    same_rows_on_every_rank: bool = False
 
     def __init__(
         self,
@@ -120,7 +123,7 @@ class TokenDataModule(L.LightningDataModule):
         """Starts at global batch trainer.global_step * accumulate_grad_batches (0 without a trainer)."""
         trainer = self.trainer
         start_batch = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
-        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        rank, world_size = self.data_parallel_rank()
         items = self.train_items()
         sampler = RankSampler(
             items, start_batch=start_batch, batch_size=self.batch_size, rank=rank, world_size=world_size
@@ -138,9 +141,16 @@ class TokenDataModule(L.LightningDataModule):
     def eval_loader(self, items: Dataset) -> DataLoader:
         """Rank r scores rows r, r + world_size, ...: every row once across ranks, none repeated
         (the metric sums NLL and counts over ranks, so uneven shards are exact)."""
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world_size = self.data_parallel_rank()
         return DataLoader(items, batch_size=self.eval_batch_size, sampler=range(rank, len(items), world_size),
                           **self.worker_options())
+
+    def data_parallel_rank(self) -> tuple[int, int]:
+        """(this rank's share, shares): (global rank, world size) under DDP; (0, 1) without a trainer or
+        with `same_rows_on_every_rank`."""
+        if self.trainer is None or self.same_rows_on_every_rank:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     def worker_options(self) -> dict:
         """Workers outlive one pass, so periodic validation does not restart them every time. For a GPU

@@ -1,12 +1,15 @@
 """The LightningModule: one training recipe for every attention kind and both objectives."""
 
+import contextlib
 import math
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fma.context_parallel import check_model, context_parallel
 from fma.errors import ConfigurationError
 
 from .metrics import LanguageModelMetric
@@ -46,10 +49,21 @@ class LanguageModelModule(L.LightningModule):
     `compile`: False (eager), True (torch.compile the network and, where its shapes are fixed, the head
     and loss; default mode) or "reduce-overhead" (compiled and replayed as CUDA graphs, which removes
     the per-kernel launch cost that bounds FMA's step on a GPU; benchmarks/README.md).
+
+    `context_parallel` (FMA only, eager only): under a multi-process trainer, all ranks form one
+    context-parallel group (no data parallelism besides): every rank gets the same batch (the data module's
+    `same_rows_on_every_rank`), the objective turns the whole sequences into inputs and targets (masked LM:
+    masks drawn from a generator seeded without the rank, so the same on every rank), and rank r of R runs
+    the network on positions [r c, (r + 1) c), c = seq_len / R, under `fma.context_parallel.context_parallel`.
+    Its training loss is its chunks' summed NLL / the whole batch's scored count * R: DDP averages the R
+    ranks' gradients, so the step's gradient is the one process's; the mean over ranks of the logged
+    train/loss is the whole batch's loss. Evaluation sums NLL and counts over ranks as under DDP. On one
+    process it changes nothing.
     """
 
     def __init__(self, net: torch.nn.Module, objective, *, metric: str, optim: dict, seed: int = 0,
-                 compile: bool | str = False, loss_chunk_tokens: int | None = None, config: dict | None = None):
+                 compile: bool | str = False, loss_chunk_tokens: int | None = None, config: dict | None = None,
+                 context_parallel: bool = False):
         super().__init__()
         if compile not in (False, True, "reduce-overhead"):
             raise ConfigurationError(f"compile={compile!r} is not a choice; set compile=auto (CUDA graphs on one GPU, "
@@ -62,8 +76,16 @@ class LanguageModelModule(L.LightningModule):
         if total_steps is not None and total_steps < 1:
             raise ConfigurationError(f"optim.total_steps={total_steps!r} must be a positive number of steps (the LR "
                                      f"schedule's length), or null for trainer.max_steps; set optim.total_steps=.")
+        if context_parallel:
+            check_model(net)
+            if compile:
+                raise ConfigurationError(f"context_parallel=true runs eager (its exchange is point-to-point "
+                                         f"communication inside the layers); compile={compile!r} is not supported "
+                                         f"with it. Set compile=false or compile=auto.")
         self.save_hyperparameters(ignore=["net", "objective"])
         self.net, self.objective, self.optim, self.seed = net, objective, dict(optim), seed
+        self.context_parallel = context_parallel
+        self.context_group, self.context_world, self.context_rank = None, 1, 0  # set up by `setup` under DDP
         self.loss_chunk_tokens = loss_chunk_tokens
         self.val_metric = LanguageModelMetric(metric)
         self.test_metric = LanguageModelMetric(metric)
@@ -74,19 +96,55 @@ class LanguageModelModule(L.LightningModule):
             if not objective.sparse_targets and loss_chunk_tokens is None:  # masked LM scores a varying count
                 self._head_nll = torch.compile(self._head_nll, mode=mode)
 
+    def setup(self, stage: str) -> None:
+        if self.context_parallel and self.trainer.world_size > 1 and self.context_group is None:
+            datamodule = self.trainer.datamodule
+            if datamodule is not None:
+                check_model(self.net, datamodule.seq_len, self.trainer.world_size)
+            # Its own group: the exchange's point-to-point traffic stays off DDP's gradient all-reduce.
+            group = dist.new_group(list(range(self.trainer.world_size)))
+            dist.barrier(group)  # a first collective of every rank (NCCL's batched sends ask for it)
+            self.use_context_parallel(group)
+
+    def use_context_parallel(self, group) -> None:
+        """Split every sequence over the ranks of `group` (all of the trainer's ranks, see the class). The
+        network stays context-parallel from here on, so that blocks recomputed in backward
+        (model.checkpoint_blocks) exchange as their forward did."""
+        self.context_group = group
+        self.context_world, self.context_rank = dist.get_world_size(group), dist.get_rank(group)
+        self._context_parallel = contextlib.ExitStack()
+        self._context_parallel.enter_context(context_parallel(self.net, group))
+
+    def _step_seed(self, rank: int) -> int:
+        return hash((self.seed, self.global_step, rank)) % 2**63
+
     def _features_and_targets(self, batch, generator=None):
         """Final features [tokens, dim] and targets [tokens] (IGNORE where nothing is scored): every
         position, or only the scored ones for an objective with sparse targets (masked LM)."""
+        return self._features_targets_count(batch, generator)[:2]
+
+    def _features_targets_count(self, batch, generator=None):
+        """_features_and_targets and None; context-parallel: of this rank's chunk of every sequence, and the
+        whole sequences' scored count."""
+        split = self.context_group is not None
+        if split and generator is None:  # masked LM: rank 0's draws, which one process would make
+            generator = torch.Generator(self.device).manual_seed(self._step_seed(0))
         inputs, targets = self.objective(
             batch, mask_token_id=self.net.mask_token_id, vocab_size=self.net.vocab_size, generator=generator
         )
+        scored_total = None
+        if split:
+            scored_total = (targets != IGNORE).sum()
+            chunk = inputs.shape[1] // self.context_world
+            part = slice(self.context_rank * chunk, (self.context_rank + 1) * chunk)
+            inputs, targets = inputs[:, part], targets[:, part]
         if self.cuda_graphs:  # a new step: the graphs may reuse the buffers of the last step's outputs
             torch.compiler.cudagraph_mark_step_begin()
         features = self.net(inputs, head=False)
         if self.objective.sparse_targets:
             scored = (targets != IGNORE).nonzero(as_tuple=True)  # found once: one host sync, not two
-            return features[scored], targets[scored]
-        return features.flatten(0, 1), targets.flatten()
+            return features[scored], targets[scored], scored_total
+        return features.flatten(0, 1), targets.flatten(), scored_total
 
     @staticmethod
     def _nll(logits, targets):
@@ -112,16 +170,24 @@ class LanguageModelModule(L.LightningModule):
         # resumed run repeats the uninterrupted one exactly. Only the generators this process draws
         # from are seeded: torch.manual_seed also visits every other accelerator type, at a host
         # cost per step larger than a CUDA-graph step's launch.
-        seed = hash((self.seed, self.global_step, self.global_rank)) % 2**63
+        seed = self._step_seed(self.global_rank)
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
 
+    def training_loss(self, batch):
+        """The loss this rank backpropagates: the batch's mean NLL over its scored targets; context-parallel,
+        this rank's share of it times the ranks (see the class), so that DDP's average is the gradient."""
+        features, targets, scored_total = self._features_targets_count(batch)
+        if scored_total is None:
+            return self._nll_sum(features, targets) / (targets != IGNORE).sum().clamp(min=1)  # may score nothing
+        return self._nll_sum(features, targets) / scored_total.clamp(min=1) * self.context_world
+
     def training_step(self, batch, batch_idx):
-        features, targets = self._features_and_targets(batch)
-        loss = self._nll_sum(features, targets) / (targets != IGNORE).sum().clamp(min=1)  # a batch may score nothing
+        loss = self.training_loss(batch)
         if logs_this_step(self.trainer):  # shown by models.ProgressBar: prog_bar=True would read it every step
-            self.log("train/loss", loss)
+            # the mean over ranks, reduced only on the steps the loggers receive (which read it anyway)
+            self.log("train/loss", loss, sync_dist=True)
         return loss
 
     def _eval_step(self, batch, batch_idx, metric):

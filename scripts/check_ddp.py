@@ -2,6 +2,7 @@
 
     python scripts/check_ddp.py                        # 2 CPU processes (gloo) against 1, tiny model, ~1 min
     python scripts/check_ddp.py --accelerator gpu --devices 8 --batch-size 16
+    python scripts/check_ddp.py --context-parallel     # context_parallel=true: each sequence split over 2 ranks
 
 Runs train.py twice on a tiny causal model with dropout 0: once on one process with data.batch_size=B, once
 as DDP over --devices processes (trainer=ddp) with data.batch_size=B/devices, both in fp32 (precision
@@ -14,11 +15,19 @@ masks are drawn per rank (models/lit_module.py seeds them by (seed, step, rank))
 masked LM scores a varying count per rank: the check is for objective=clm with model.dropout=0.
 
 Compared, within --rtol/--atol: the global training loss of every step (a callback, `GlobalLoss`, averages
-the ranks' losses; the train/loss train.py logs under DDP is rank 0's half-batch alone), val/loss and
+the ranks' losses at every step; train.py's train/loss is that mean too, on the steps it logs), val/loss and
 test/loss from csv/metrics.csv (the metric sums NLL and counts across ranks), and every weight of the final
 checkpoints/last.ckpt (written once, by rank 0), the weights within --weights-atol: AdamW amplifies fp32
 rounding where a gradient is near zero (measured: 1.8e-6 after 6 steps, model=fma). Prints one row per
 quantity; exit 0 when all agree, 1 if any does not, 2 for a bad command line.
+
+--context-parallel: the second run is train.py's context_parallel=true over --devices processes, every rank
+holding the whole batch of B rows and running its contiguous 1/devices of each sequence (both runs model=fma
+with block_size 4, so that data.seq_len=32 splits into whole blocks on up to 8 ranks; CONTEXT_PARALLEL). Why they
+must agree: each rank's loss is its chunks' summed NLL over the whole batch's scored count, times the ranks,
+so the mean over ranks is the global loss and DDP's averaged gradient the one process's (the exchange's
+backward carries every other rank's share). Masked-LM masks are drawn for the whole sequences from a
+generator seeded without the rank, so objective=mlm may be checked too; dropout still may not.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ TINY = ["trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "trainer.
         "trainer.enable_model_summary=false", "trainer.precision=32-true", "model.dim=32", "model.depth=1",
         "model.num_heads=2", "model.dropout=0.0", "data.seq_len=32", "optim.warmup_steps=2", "objective=clm"]
 LOSSES_FILE = "global_losses.json"
+CONTEXT_PARALLEL = ["model=fma", "model.attention.block_size=4"]  # before the user's overrides: they may change them
 
 
 class GlobalLoss(L.Callback):
@@ -59,14 +69,19 @@ class GlobalLoss(L.Callback):
 
 
 def train_command(*, devices: int, batch_size: int, steps: int, out: Path, accelerator: str,
-                  overrides: list[str]) -> list[str]:
-    """train.py's command line for one of the two runs: global batch `batch_size` over `devices` processes."""
-    if devices < 1 or batch_size % devices:
+                  overrides: list[str], context_parallel: bool = False) -> list[str]:
+    """train.py's command line for one of the two runs: global batch `batch_size` over `devices` processes
+    (context_parallel: every rank holds all of it, each its slice of every sequence; for both runs)."""
+    if devices < 1 or (batch_size % devices and not context_parallel):
         raise ValueError(f"--batch-size {batch_size} must split evenly over --devices {devices}")
     trainer = (["trainer=ddp", f"trainer.accelerator={accelerator}", f"trainer.devices={devices}"] if devices > 1
                else [f"trainer={'cpu' if accelerator == 'cpu' else 'gpu'}"])
-    return [sys.executable, str(ROOT / "train.py"), *trainer, *TINY, f"trainer.max_steps={steps}",
-            f"data.batch_size={batch_size // devices}", f"paths.output_dir={out}", f"paths.cache_dir={out}/cache",
+    split = ([*CONTEXT_PARALLEL, *(["context_parallel=true"] if devices > 1 else [])] if context_parallel else [])
+    rows = batch_size if context_parallel else batch_size // devices
+    chosen = {o.split("=", 1)[0] for o in overrides}  # what the overrides set, set once (Hydra refuses a group twice)
+    defaults = [o for o in [*TINY, *split] if o.split("=", 1)[0] not in chosen]
+    return [sys.executable, str(ROOT / "train.py"), *trainer, *defaults, f"trainer.max_steps={steps}",
+            f"data.batch_size={rows}", f"paths.output_dir={out}", f"paths.cache_dir={out}/cache",
             "+callbacks.global_loss._target_=check_ddp.GlobalLoss", f"+callbacks.global_loss.path={out / LOSSES_FILE}",
             *overrides]
 
@@ -113,8 +128,8 @@ def compare_runs(one: dict, ddp: dict, *, rtol: float, atol: float, weights_atol
     return rows
 
 
-def report(rows: list[dict]) -> str:
-    lines = [f"{'quantity':<48} {'one process':>14} {'ddp':>14} {'|diff|':>10}  ok"]
+def report(rows: list[dict], label: str = "ddp") -> str:
+    lines = [f"{'quantity':<48} {'one process':>14} {label:>14} {'|diff|':>10}  ok"]
     lines += [f"{r['quantity']:<48} {r['one']:>14.8g} {r['ddp']:>14.8g} {r['diff']:>10.3g}  "
               f"{'yes' if r['ok'] else 'NO'}" for r in rows]
     return "\n".join(lines)
@@ -135,19 +150,24 @@ def main(argv: list[str] | None = None) -> int:
                              "running RMS, so where a gradient is near 0 its fp32 rounding moves the weight by a "
                              "visible fraction of lr)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument("--context-parallel", action="store_true",
+                        help="the second run context-parallel (context_parallel=true, model=fma), not DDP")
     parser.add_argument("overrides", nargs="*", help="more train.py overrides, e.g. model=fma")
     args = parser.parse_args(argv)
-    if args.devices < 2 or args.batch_size % args.devices:
+    if args.devices < 2 or (args.batch_size % args.devices and not args.context_parallel):
         parser.error(f"--devices must be at least 2 and divide --batch-size ({args.devices}, {args.batch_size})")
-    if any(o.startswith(("objective=", "model.dropout=")) for o in args.overrides):
-        parser.error("the check needs objective=clm and model.dropout=0 (module docstring): leave them out")
+    fixed = ("model.dropout=",) if args.context_parallel else ("objective=", "model.dropout=")
+    if any(o.startswith(fixed) for o in args.overrides):
+        parser.error(f"the check needs {'' if args.context_parallel else 'objective=clm and '}model.dropout=0 "
+                     f"(module docstring): leave them out")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     runs = {}
     for name, devices in (("one", 1), ("ddp", args.devices)):
         out = (args.out / name).resolve()
         command = train_command(devices=devices, batch_size=args.batch_size, steps=args.steps, out=out,
-                                accelerator=args.accelerator, overrides=args.overrides)
+                                accelerator=args.accelerator, overrides=args.overrides,
+                                context_parallel=args.context_parallel)
         print(f"{name}: {' '.join(command[1:])}", flush=True)
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
         if done.returncode:
@@ -157,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = read_run(out)
     rows = compare_runs(runs["one"], runs["ddp"], rtol=args.rtol, atol=args.atol,
                         weights_atol=args.weights_atol)
-    print(report(rows))
+    print(report(rows, "context-parallel" if args.context_parallel else "ddp"))
     failed = [r["quantity"] for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} agree" + (f"; differ: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -1,5 +1,6 @@
-"""scripts/check_ddp.py's logic without training: the two command lines, the comparison, the loss callback.
-(The check itself, two train.py runs of 2 CPU processes and 1, takes about 45 s: run the script.)"""
+"""scripts/check_ddp.py's logic without training: the two command lines (DDP, context-parallel), the comparison,
+the loss callback. (The check itself, two train.py runs of 2 CPU processes and 1, takes about 45 s: run the
+script; tests/test_context_parallel_train.py runs the context-parallel comparison with forked processes.)"""
 
 import json
 import math
@@ -33,6 +34,20 @@ def test_same_global_batch_over_the_ranks():
         check_ddp.train_command(devices=3, batch_size=4, steps=6, out=Path("/d"), accelerator="cpu", overrides=[])
     with pytest.raises(SystemExit):
         check_ddp.main(["--devices", "2", "objective=mlm"])
+
+
+def test_context_parallel_runs_hold_the_whole_batch_on_every_rank():
+    one = check_ddp.train_command(devices=1, batch_size=4, steps=6, out=Path("/o"), accelerator="cpu",
+                                  overrides=["objective=mlm"], context_parallel=True)
+    split = check_ddp.train_command(devices=2, batch_size=3, steps=6, out=Path("/d"), accelerator="cpu",
+                                    overrides=["model.attention.block_size=8"], context_parallel=True)
+    assert {"trainer=cpu", "model=fma", "model.attention.block_size=4", "data.batch_size=4",
+            "objective=mlm"} <= set(one)
+    assert "objective=clm" not in one and "context_parallel=true" not in one  # an override sets a key once
+    assert {"trainer=ddp", "trainer.devices=2", "context_parallel=true", "data.batch_size=3"} <= set(split)
+    assert "model.attention.block_size=4" not in split and split[-1] == "model.attention.block_size=8"
+    with pytest.raises(SystemExit):
+        check_ddp.main(["--context-parallel", "model.dropout=0.1"])
 
 
 def test_comparison_passes_equal_runs_and_names_what_differs():

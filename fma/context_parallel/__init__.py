@@ -6,8 +6,8 @@ coarse summaries its queries see (exchange.py: point to point, differentiable). 
 (model.py) runs a whole `TransformerLM` that way: each rank passes its chunk of the tokens.
 """
 
-from .model import context_parallel
+from .model import check_model, context_parallel
 from .multipole import check_chunks, context_parallel_multipole_attention, exchanged_numel, make_plan
 
-__all__ = ["check_chunks", "context_parallel", "context_parallel_multipole_attention", "exchanged_numel",
-           "make_plan"]
+__all__ = ["check_chunks", "check_model", "context_parallel", "context_parallel_multipole_attention",
+           "exchanged_numel", "make_plan"]

@@ -18,10 +18,12 @@ def _global(group, rank: int) -> int:
 
 
 def _post(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]], group) -> None:
-    """Post every isend and irecv, then wait for all (peers are ranks within `group`)."""
-    requests = [dist.isend(tensor.contiguous(), _global(group, peer), group=group) for peer, tensor in sends]
-    requests += [dist.irecv(tensor, _global(group, peer), group=group) for peer, tensor in receives]
-    for request in requests:
+    """Post every isend and irecv as one batch, then wait for all (peers are ranks within `group`). One
+    batch (`batch_isend_irecv`: one NCCL group call) cannot deadlock on a pair that sends both ways, as
+    bidirectional FMA's neighbours do; separate NCCL sends could, each waiting for its receive."""
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), _global(group, peer), group) for peer, tensor in sends]
+    ops += [dist.P2POp(dist.irecv, tensor, _global(group, peer), group) for peer, tensor in receives]
+    for request in dist.batch_isend_irecv(ops) if ops else []:
         request.wait()
 
 
