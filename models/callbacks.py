@@ -47,7 +47,9 @@ class ThroughputMonitor(L.Callback):
         self._ends: list[tuple[object, int]] = []   # (end of a step: CUDA event or perf_counter, its tokens)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        tokens = (batch["tokens"].shape[1] - 1) * batch["tokens"].shape[0] * trainer.world_size
+        tokens = (batch["tokens"].shape[1] - 1) * batch["tokens"].shape[0]
+        if not getattr(pl_module, "context_parallel", False):  # context parallel: every rank holds the same rows
+            tokens *= trainer.world_size
         if pl_module.device.type == "cuda":
             end, lag = torch.cuda.Event(enable_timing=True), self.GPU_LAG
             end.record()

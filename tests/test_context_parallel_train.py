@@ -134,3 +134,16 @@ def test_train_py_two_processes_equal_one(tmp_path, objective):
         runs[name] = check_ddp.read_run(out / "run")
     rows = check_ddp.compare_runs(runs["one"], runs["split"], rtol=1e-5, atol=1e-6, weights_atol=2e-5)
     assert len(rows) == 6 + 2 + 1 and all(row["ok"] for row in rows), check_ddp.report(rows, "context-parallel")
+
+
+@pytest.mark.parametrize("context_parallel, counted", [(False, 2 * 3 * 7), (True, 3 * 7)])
+def test_throughput_counts_each_sequence_once(context_parallel, counted):
+    """train/tokens_per_s's token count on 2 ranks, batch 3 x 8 tokens (7 predicted each): DDP's ranks hold
+    different rows (both counted), context parallelism's the same rows (counted once)."""
+    from models.callbacks import ThroughputMonitor
+
+    monitor = ThroughputMonitor()
+    trainer = SimpleNamespace(world_size=2, _logger_connector=SimpleNamespace(should_update_logs=False))
+    module = SimpleNamespace(context_parallel=context_parallel, device=torch.device("cpu"))
+    monitor.on_train_batch_end(trainer, module, None, {"tokens": torch.zeros(3, 8, dtype=torch.long)}, 0)
+    assert monitor._ends[-1][1] == counted
