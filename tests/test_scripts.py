@@ -369,8 +369,8 @@ def test_benchmark_rows_compose_to_the_layers_and_models_they_measured():
                                                                 out="unused"), [])
     assert [series.label for series in args.series] == list(OLD_VARIANTS)
     assert benchlib.model_config(args.series[3], 256)["attention"] == {
-        "name": "fma", "block_size": 32, "rank": 2, "downsample": "groupedconv", "scale_coarse": True,
-        "backend": "auto", "max_seq_len": 256}
+        "name": "fma", "block_size": 32, "rank": 2, "downsample": "groupedconv", "multilevel_maps": "shared",
+        "scale_coarse": True, "backend": "auto", "max_seq_len": 256, "downsample_queries": False}
     for series in args.series:
         kind, options = OLD_VARIANTS[series.label]
         options = {**options, "max_seq_len": 256} if kind == "fma" else options
