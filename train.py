@@ -201,6 +201,11 @@ def trainer_config(cfg: DictConfig) -> DictConfig:
             f"{build} sees none. Use trainer=cpu, or trainer=default (a GPU where there is one), or "
             f"trainer=ddp trainer.accelerator=cpu trainer.devices=<n> for DDP on the CPU; or make a GPU visible "
             f"(CUDA_VISIBLE_DEVICES, a CUDA build of PyTorch).")
+    if trainer_cfg.get("strategy") == "fsdp" and not on_gpu(trainer_cfg):
+        raise ConfigurationError(
+            f"trainer=fsdp (Lightning's FSDPStrategy) runs on GPUs only, and this run asks for "
+            f"trainer.accelerator={trainer_cfg.accelerator}. Use trainer=ddp (trainer.accelerator=cpu for processes "
+            f"on the CPU), or trainer=fsdp with trainer.accelerator=gpu on a machine with GPUs.")
     if trainer_cfg.precision is None:
         trainer_cfg = OmegaConf.merge(trainer_cfg, {"precision": "bf16-mixed" if on_gpu(trainer_cfg) else "32-true"})
     return trainer_cfg

@@ -69,12 +69,12 @@ class GlobalLoss(L.Callback):
 
 
 def train_command(*, devices: int, batch_size: int, steps: int, out: Path, accelerator: str,
-                  overrides: list[str], context_parallel: bool = False) -> list[str]:
+                  overrides: list[str], context_parallel: bool = False, strategy: str = "ddp") -> list[str]:
     """train.py's command line for one of the two runs: global batch `batch_size` over `devices` processes
     (context_parallel: every rank holds all of it, each its slice of every sequence; for both runs)."""
     if devices < 1 or (batch_size % devices and not context_parallel):
         raise ValueError(f"--batch-size {batch_size} must split evenly over --devices {devices}")
-    trainer = (["trainer=ddp", f"trainer.accelerator={accelerator}", f"trainer.devices={devices}"] if devices > 1
+    trainer = ([f"trainer={strategy}", f"trainer.accelerator={accelerator}", f"trainer.devices={devices}"] if devices > 1
                else [f"trainer={'cpu' if accelerator == 'cpu' else 'gpu'}"])
     split = ([*CONTEXT_PARALLEL, *(["context_parallel=true"] if devices > 1 else [])] if context_parallel else [])
     rows = batch_size if context_parallel else batch_size // devices
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--context-parallel", action="store_true",
                         help="the second run context-parallel (context_parallel=true, model=fma), not DDP")
+    parser.add_argument("--trainer", default="ddp", choices=["ddp", "fsdp"],
+                        help="the multi-process run's trainer config (default ddp; fsdp: sharded, same result)")
     parser.add_argument("overrides", nargs="*", help="more train.py overrides, e.g. model=fma")
     args = parser.parse_args(argv)
     if args.devices < 2 or (args.batch_size % args.devices and not args.context_parallel):
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         out = (args.out / name).resolve()
         command = train_command(devices=devices, batch_size=args.batch_size, steps=args.steps, out=out,
                                 accelerator=args.accelerator, overrides=args.overrides,
-                                context_parallel=args.context_parallel)
+                                context_parallel=args.context_parallel, strategy=args.trainer)
         print(f"{name}: {' '.join(command[1:])}", flush=True)
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
         if done.returncode:

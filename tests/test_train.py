@@ -488,6 +488,15 @@ def test_ddp_on_the_cpu_runs_in_fp32(tmp_path):
     assert trainer_config(cfg).precision == "32-true"
 
 
+def test_fsdp_is_refused_off_the_gpu_with_the_fix(tmp_path):
+    from train import trainer_config
+
+    cfg = compose_config(tmp_path, ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"], tiny=False)
+    assert cfg.trainer.strategy == "fsdp" and cfg.trainer.devices == 2
+    with pytest.raises(ConfigurationError, match="GPUs only.*trainer=ddp"):
+        trainer_config(cfg)
+
+
 def test_kernel_profile_summary_counts_by_hand():
     """Two steps: kernels a (0-10 us, 5-20 us: overlapping) and b (30-40 us), one annotation (not a kernel),
     three host launches and a host op that is none: per step 17.5 us of kernels, 15 us busy, 1.5 kernels,
