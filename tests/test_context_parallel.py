@@ -7,8 +7,8 @@ the chunks' shares of wide cells add up to the summaries, the exchange's size, t
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from distributed_testing import spawn
 from fma import ConfigurationError
 from fma.context_parallel import (check_chunks, context_parallel, context_parallel_multipole_attention,
                                   exchanged_numel, make_plan)
@@ -105,25 +105,6 @@ def check_refusals(rank, world):
     q = torch.zeros(1, HEADS, 6, DIM // HEADS, dtype=torch.float64)  # chunks of 6 tokens: not whole blocks
     with pytest.raises(ConfigurationError, match="padded_length"):
         context_parallel_multipole_attention(q, q, q, layer=layer)
-
-
-def worker(rank, world, init_file, checks):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        for check, options in checks:
-            try:
-                check(rank, world, **options)
-            except Exception as error:
-                raise AssertionError(f"rank {rank} of {world}, {check.__name__} {options}: {error}") from error
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(world, checks, tmp_path):
-    # fork: the children share the parent's imports (spawn would import torch again in each of them)
-    mp.start_processes(worker, args=(world, str(tmp_path / "init"), checks), nprocs=world, join=True,
-                       start_method="fork")
 
 
 LAYER_CASES = [dict(causal=causal, kind=kind) for causal in (True, False) for kind in KINDS]

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import ROOT, compose_config
+from distributed_testing import spawn
 from data import SyntheticDataModule
 from fma import ConfigurationError
 from fma.context_parallel import check_model
@@ -63,24 +63,11 @@ def check_step(rank, world, *, objective, kind, checkpoint_blocks=False):
         torch.testing.assert_close(grad / world, expected_grads[name], **TOLERANCE, msg=name)
 
 
-def worker(rank, world, init_file, checks):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        for check, options in checks:
-            try:
-                check(rank, world, **options)
-            except Exception as error:
-                raise AssertionError(f"rank {rank} of {world}, {check.__name__} {options}: {error}") from error
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_ranks_loss_and_gradients_equal_one_process(tmp_path):
     checks = [(check_step, dict(objective=CausalLM(), kind="groupedconv")),
               (check_step, dict(objective=MaskedLM(), kind="multilevel")),
               (check_step, dict(objective=CausalLM(), kind="avgpool", checkpoint_blocks=True))]  # recomputed blocks
-    mp.start_processes(worker, args=(2, str(tmp_path / "init"), checks), nprocs=2, join=True, start_method="fork")
+    spawn(2, checks, tmp_path)
 
 
 def test_every_rank_gets_the_rows_of_one_process():
