@@ -21,6 +21,13 @@ checkpoints/last.ckpt (written once, by rank 0), the weights within --weights-at
 rounding where a gradient is near zero (measured: 1.8e-6 after 6 steps, model=fma). Prints one row per
 quantity; exit 0 when all agree, 1 if any does not, 2 for a bad command line.
 
+--resume: the multi-process run stops after half the steps, and ONE process resumes its last.ckpt (model,
+optimizer, schedule, step and data position) for the rest; compared with the one-process run over the resumed
+half (every run's schedule spans --steps: optim.total_steps). Why they must agree: the checkpoint holds the
+optimizer step, not a rank's place, and the sampler maps a step to the same global batch for any number of
+ranks, so a checkpoint written by W ranks resumes on any other number (measured: 2 CPU ranks -> 1, the
+resumed losses equal to all printed digits).
+
 --context-parallel: the second run is train.py's context_parallel=true over --devices processes, every rank
 holding the whole batch of B rows and running its contiguous 1/devices of each sequence (both runs model=fma
 with block_size 4, so that data.seq_len=32 splits into whole blocks on up to 8 ranks; CONTEXT_PARALLEL). Why they
@@ -84,6 +91,21 @@ def train_command(*, devices: int, batch_size: int, steps: int, out: Path, accel
             f"data.batch_size={rows}", f"paths.output_dir={out}", f"paths.cache_dir={out}/cache",
             "+callbacks.global_loss._target_=check_ddp.GlobalLoss", f"+callbacks.global_loss.path={out / LOSSES_FILE}",
             *overrides]
+
+
+def planned_runs(args) -> list[tuple[str, Path, list[str]]]:
+    """(name, output folder, train.py command) of each run, in order: one process, the multi-process run
+    (--resume: half the steps), and with --resume one process resuming the latter's last.ckpt."""
+    half = args.steps // 2
+    schedule = [f"optim.total_steps={args.steps}"] if args.resume else []  # one cosine schedule for every run
+    plan = [("one", 1, args.steps, []), ("ddp", args.devices, half if args.resume else args.steps, [])]
+    if args.resume:
+        plan.append(("resumed", 1, args.steps, [f"ckpt_path={(args.out / 'ddp').resolve()}/checkpoints/last.ckpt"]))
+    return [(name, (args.out / name).resolve(),
+             train_command(devices=devices, batch_size=args.batch_size, steps=steps, out=(args.out / name).resolve(),
+                           accelerator=args.accelerator, overrides=[*schedule, *args.overrides, *extra],
+                           context_parallel=args.context_parallel, strategy=args.trainer))
+            for name, devices, steps, extra in plan]
 
 
 def read_run(out: Path) -> dict:
@@ -152,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--context-parallel", action="store_true",
                         help="the second run context-parallel (context_parallel=true, model=fma), not DDP")
+    parser.add_argument("--resume", action="store_true",
+                        help="the multi-process run stops halfway; one process resumes its last.ckpt (module docstring)")
     parser.add_argument("--trainer", default="ddp", choices=["ddp", "fsdp"],
                         help="the multi-process run's trainer config (default ddp; fsdp: sharded, same result)")
     parser.add_argument("overrides", nargs="*", help="more train.py overrides, e.g. model=fma")
@@ -165,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     runs = {}
-    for name, devices in (("one", 1), ("ddp", args.devices)):
-        out = (args.out / name).resolve()
-        command = train_command(devices=devices, batch_size=args.batch_size, steps=args.steps, out=out,
-                                accelerator=args.accelerator, overrides=args.overrides,
-                                context_parallel=args.context_parallel, strategy=args.trainer)
+    for name, out, command in planned_runs(args):
         print(f"{name}: {' '.join(command[1:])}", flush=True)
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
         if done.returncode:
@@ -177,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: train.py exited {done.returncode}", file=sys.stderr)
             return 1
         runs[name] = read_run(out)
-    rows = compare_runs(runs["one"], runs["ddp"], rtol=args.rtol, atol=args.atol,
-                        weights_atol=args.weights_atol)
-    print(report(rows, "context-parallel" if args.context_parallel else "ddp"))
+    one, other = runs["one"], runs["ddp"]
+    if args.resume:  # the one-process run over the resumed half
+        one, other = {**one, **{key: {step: value for step, value in one[key].items() if step >= args.steps // 2}
+                                for key in ("train_loss", "val_loss")}}, runs["resumed"]
+    rows = compare_runs(one, other, rtol=args.rtol, atol=args.atol, weights_atol=args.weights_atol)
+    print(report(rows, "resumed" if args.resume else "context-parallel" if args.context_parallel else "ddp"))
     failed = [r["quantity"] for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} agree" + (f"; differ: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -78,3 +78,16 @@ def test_global_loss_callback_records_the_mean_over_ranks(tmp_path):
     callback.on_train_batch_end(trainer, None, torch.tensor(5.0), None, 1)
     callback.on_train_end(trainer, None)
     assert json.loads((tmp_path / "losses.json").read_text()) == {"0": 1.5, "1": 2.5}
+
+
+def test_resume_plan_stops_halfway_and_resumes_on_one_process(tmp_path):
+    args = SimpleNamespace(steps=6, devices=2, batch_size=4, out=tmp_path, accelerator="cpu", overrides=["model=fma"],
+                           context_parallel=False, trainer="fsdp", resume=True)
+    (one, _, first), (ddp, ddp_out, second), (resumed, _, third) = check_ddp.planned_runs(args)
+    assert (one, ddp, resumed) == ("one", "ddp", "resumed")
+    assert "trainer.max_steps=6" in first and "trainer.max_steps=3" in second and "trainer.max_steps=6" in third
+    assert all("optim.total_steps=6" in command for command in (first, second, third))
+    assert "trainer=fsdp" in second and "trainer=cpu" in third and "data.batch_size=4" in third
+    assert third[-1] == f"ckpt_path={ddp_out}/checkpoints/last.ckpt"
+    args.resume = False
+    assert [name for name, _, _ in check_ddp.planned_runs(args)] == ["one", "ddp"]
