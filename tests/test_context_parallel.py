@@ -136,13 +136,15 @@ def test_eight_ranks_with_cells_wider_than_a_chunk(tmp_path):
     spawn(8, checks, tmp_path)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_shares_of_wide_cells_add_up_to_the_summaries(kind):
+@pytest.mark.parametrize("kind, options", [*((kind, {}) for kind in KINDS),
+                                           ("multilevel", {"multilevel_maps": "per_level"})])
+def test_shares_of_wide_cells_add_up_to_the_summaries(kind, options):
     """16 simulated chunks of 8 tokens, n = 128, m = 2: the shares of every level's cells of width 16 and 32
-    (2 and 4 chunks each), summed over their chunks, equal the summaries of the whole sequence."""
+    (2 and 4 chunks each), summed over their chunks, equal the summaries of the whole sequence (per_level
+    multilevel: each level's own map)."""
     torch.manual_seed(0)
     n, m, world = 128, 2, 16
-    downsample = perturbed(Downsample(kind, head_dim=4, block_size=m, rank=2, max_seq_len=n), seed=5)
+    downsample = perturbed(Downsample(kind, head_dim=4, block_size=m, rank=2, max_seq_len=n, **options), seed=5)
     x = torch.randn(2, 3, n, 4, dtype=torch.float64)
     expected, _ = downsample(x, backend="torch")
     chunk = n // world

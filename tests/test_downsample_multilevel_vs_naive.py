@@ -195,28 +195,6 @@ def test_multilevel_maps_option_is_checked_and_threaded_from_the_model():
         fma_layer("groupedconv", True, maps="per_level")
 
 
-def test_per_level_chunk_shares_add_up_to_the_summaries():
-    """Context parallelism reads each level's own map: 16 chunks of 8 tokens, n = 128, m = 2 (cells of width
-    16 and 32 span chunks), the shares summed over their chunks equal the whole sequence's summaries."""
-    from fma.context_parallel.multipole import chunk_summaries
-
-    n, m, world = 128, 2, 16
-    downsample = randomise(Downsample("multilevel", head_dim=4, block_size=m, rank=2, max_seq_len=n,
-                                      multilevel_maps="per_level"), seed=5)
-    x = randn(torch.Generator().manual_seed(6), 2, 3, n, 4)
-    expected, _ = downsample(x, backend="torch")
-    chunk = n // world
-    shares = [chunk_summaries(downsample, x[:, :, r * chunk:(r + 1) * chunk], r * chunk, n) for r in range(world)]
-    for level, width in enumerate(level_widths(n, m)):
-        if width <= chunk:
-            got = torch.cat([share[level] for share in shares], dim=2)
-        else:
-            per_cell = width // chunk
-            got = torch.cat([sum(shares[r][level] for r in range(c * per_cell, (c + 1) * per_cell))
-                             for c in range(n // width)], dim=2)
-        assert relative_error(got, expected[level]) < 1e-12, f"width {width}"
-
-
 @pytest.mark.parametrize("kind", ["multilevel", "avgpool"])
 def test_layer_built_for_256_tokens_runs_at_1024(kind):
     layer = FastMultipoleAttention(dim=16, num_heads=2, causal=True, block_size=16, rank=RANK, downsample=kind,
