@@ -98,7 +98,7 @@ def report(out: Path, trained: list[dict], evaluations: list[dict], metric: str,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sweep_arguments(parser, series=SERIES, lengths=[], steps=2000, tokens_per_step=16384,
+    add_sweep_arguments(parser, series=SERIES, lengths=None, steps=2000, tokens_per_step=16384,
                         out="results/length-generalization")
     parser.add_argument("--train-length", type=int, default=1024, help="the one training length (default 1024)")
     parser.add_argument("--factors", nargs="+", type=int, default=[1, 2, 4, 8, 16],
@@ -108,9 +108,6 @@ def main() -> int:
     parser.add_argument("--data-path", default=None, help="data.path of the data group")
     parser.add_argument("--objective", default="clm", choices=["clm", "mlm"])
     args = parser.parse_args()
-    if args.lengths:
-        raise UsageError("--lengths has no meaning here: set the training length with --train-length and the "
-                         "evaluation lengths with --factors.")
     if args.train_length < 1 or not args.factors or min(args.factors) < 1 or args.eval_tokens < 1:
         raise UsageError("--train-length, --factors and --eval-tokens must be positive integers.")
     args.lengths = [args.train_length]

@@ -356,16 +356,18 @@ class SweepSpec:
     gpus: list[str] = dataclasses.field(default_factory=list)
 
 
-def add_sweep_arguments(parser: argparse.ArgumentParser, *, series: list[str], lengths: list[int], steps: int,
+def add_sweep_arguments(parser: argparse.ArgumentParser, *, series: list[str], lengths: list[int] | None, steps: int,
                         tokens_per_step: int, out: str | None) -> None:
-    """The options every comparison script takes (each script sets its own defaults)."""
+    """The options every comparison script takes (each script sets its own defaults); lengths None: no
+    --lengths (the script decides its lengths otherwise)."""
     parser.add_argument("--series", nargs="+", default=series, metavar="SERIES",
                         help="attention settings, each one string of train.py overrides, optionally after a label "
                              "and a colon, e.g. model=full 'fma m=32 p=2: model=fma model.attention.block_size=32 "
                              "model.attention.rank=2' (unlabelled: named by its overrides, e.g. 'fma block_size=32'); "
                              "default: " + " ".join(f"'{one}'" if " " in one else one for one in series))
-    parser.add_argument("--lengths", nargs="+", type=int, default=lengths, help=f"sequence lengths; default: "
-                                                                                  f"{' '.join(map(str, lengths))}")
+    if lengths is not None:
+        parser.add_argument("--lengths", nargs="+", type=int, default=lengths,
+                            help=f"sequence lengths; default: {' '.join(map(str, lengths))}")
     parser.add_argument("--budget-steps", "--steps", dest="steps", type=int, default=steps,
                         help=f"optimizer steps per point (default {steps})")
     parser.add_argument("--tokens-per-step", type=int, default=tokens_per_step,
