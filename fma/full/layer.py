@@ -17,7 +17,7 @@ SDPA_BACKENDS = {
 # backend "auto": the first of these that supports the inputs (the CPU has math only, in effect).
 AUTO_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # One query against the cache (decoding): cuDNN builds an execution plan per key length, which every
-# step changes (about 10 ms per layer and step on the H200: benchmarks/decode), so "auto" leaves it out.
+# step changes (benchmarks/s7/decode_before_fix/), so "auto" leaves it out.
 DECODE_ORDER = AUTO_ORDER[1:]
 
 

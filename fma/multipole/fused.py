@@ -57,10 +57,9 @@ LOG2E = 1.4426950408889634
 def launch_config(kernel: str, block_size: int, head_dim: int, causal: bool) -> dict:
     """Launch parameters of one kernel ("forward", "backward_query", "backward_key") for block size m,
     head_dim d and the mask: BLOCK_N (the fine key tile; the key kernel's key and query tile, so at
-    most m), num_warps, num_stages. Fixed, no autotuning; scripts/tune_kernels.py times the
-    alternatives (benchmarks/tune_kernels: at 4,096 x 16, m = d = 64, causal, the forward is 16%
-    faster with both fine blocks in one tile of 2m = 128 keys, the query kernel 5% with one stage;
-    every other tried setting was slower or equal). 8 warps once a tile holds 128 x 128 elements."""
+    most m), num_warps, num_stages. Fixed, no autotuning: chosen by scripts/tune_kernels.py at
+    train.py's shapes (benchmarks/s7/tune_kernels/): the causal forward takes both fine blocks in one
+    tile of 2m keys, the query kernel one pipeline stage; 8 warps once a tile holds 128 x 128 elements."""
     warps = 8 if max(block_size, head_dim) >= 128 else 4
     if kernel == "forward" and causal and 2 * block_size <= 128:
         return dict(BLOCK_N=2 * block_size, num_warps=warps, num_stages=2)
