@@ -387,13 +387,24 @@ DW_E, DW_BD, DW_TOK, DW_WARPS, DW_STAGES = 32, 16, 32, 8, 2
 FP32_PRECISION = os.environ.get("FMA_DOWNSAMPLE_FP32_PRECISION", "tf32x3")
 
 
-def _tiles(layout: Layout, d: int, pairs: int, E: int, BD: int, TOK: int):
-    """(LP, E, BD, TOK, BT): rows padded to a power of two >= 16, and the clamped tile sizes."""
+# Shared memory the operand tiles of one program may take (bytes, all pipeline stages): below the
+# H200's 227 KiB per block, leaving room for what Triton adds. Many rows (L levels x p, e.g. p = 8 for
+# H-Transformer-1D's averages) make the tiles above too large; E, then BD, are halved until they fit.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def _tiles(layout: Layout, d: int, pairs: int, E: int, BD: int, TOK: int, *, stages: int, tile_bytes):
+    """(LP, E, BD, TOK, BT): rows padded to a power of two >= 16, and the clamped tile sizes.
+    tile_bytes(LP, E, BD, BT): the bytes of operand tiles one pipeline stage of the kernel loads; E,
+    then BD, shrink until `stages` of them fit SHARED_MEMORY_BUDGET."""
     LP = max(16, triton.next_power_of_2(layout.num_levels * layout.p))
     E = max(16, min(E, triton.next_power_of_2(pairs)))
     BD = min(BD, triton.next_power_of_2(d))
     TOK = _pow2_divisor(layout.m, TOK)
-    return LP, E, BD, TOK, max(16, TOK)
+    BT = max(16, TOK)
+    while stages * tile_bytes(LP, E, BD, BT) > SHARED_MEMORY_BUDGET and (E > 16 or BD > 1):
+        E, BD = (E // 2, BD) if E > 16 else (E, BD // 2)
+    return LP, E, BD, TOK, BT
 
 
 def _half(dtype: torch.dtype) -> bool:
@@ -425,7 +436,9 @@ def _forward(x, w_op, b_cat, scale, rows, per_summary, layout: Layout, avg: bool
     BH, p, m = B * H, layout.p, layout.m
     T, top, num_levels = layout.total, layout.top, layout.num_levels
     ntop = n // top
-    LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, FWD_E, FWD_BD, FWD_TOK)
+    size, w_parts = (2 if _half(x.dtype) else 4), (2 if w_op is not None and w_op[2] else 1)
+    LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, FWD_E, FWD_BD, FWD_TOK, stages=FWD_STAGES,  # x, W tiles
+                                tile_bytes=lambda LP, E, BD, BT: size * BD * BT * (E + w_parts * LP))
     e_groups, c_groups = triton.cdiv(BH * ntop, E), triton.cdiv(d, BD)
     chunk = FORWARD_CHUNK
     if chunk is None:  # the widest chunk (fewest atomics) that still gives enough programs
@@ -462,7 +475,10 @@ def _grad_input(g_op, w_op, layout: Layout, avg: bool, shape, dtype):
     B, H, n, d = shape
     BH = B * H
     ntop = n // layout.top
-    LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, DX_E, DX_BD, DX_TOK)
+    size = 2 if _half(dtype) else 4
+    g_parts, w_parts = (2 if g_op[2] else 1), (2 if w_op is not None and w_op[2] else 1)
+    LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, DX_E, DX_BD, DX_TOK, stages=DX_STAGES,  # dS, W tiles
+                                tile_bytes=lambda LP, E, BD, BT: size * BD * LP * (g_parts * E + w_parts * BT))
     tiles = (layout.top // TOK) * triton.cdiv(d, BD)
     groups = triton.cdiv(BH * ntop, E)
     splits = min(groups, triton.cdiv(_target_programs(g_op[0]), tiles))  # W tile loads: one per split
@@ -485,7 +501,9 @@ def _grad_weight(x, g, layout: Layout):
     B, H, n, d = x.shape
     BH = B * H
     ntop = n // layout.top
-    LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, DW_E, DW_BD, DW_TOK)
+    size = 2 if _half(x.dtype) else 4
+    LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, DW_E, DW_BD, DW_TOK, stages=DW_STAGES,  # dS, x tiles
+                                tile_bytes=lambda LP, E, BD, BT: size * BD * E * (LP + BT))
     tiles = (layout.top // TOK) * triton.cdiv(d, BD)
     groups = triton.cdiv(BH * ntop, E)
     splits = min(groups, triton.cdiv(_target_programs(x), tiles))  # each split: one set of atomics
