@@ -6,7 +6,8 @@
 
 Training is a sweep at --train-length (scripts/runlib.py: one train.py per series, the same budget,
 resumable; its own table under <out>/). Then every trained point's best checkpoint is scored at each
-factor times that length, each evaluation its own process:
+factor times that length, each evaluation its own process (with --gpus, side by side like the
+training points: one per listed entry, so a GPU listed k times overlaps k evaluations' start-up):
 
     python eval.py ckpt_path=<point>/checkpoints/best.ckpt data.seq_len=<n> data.eval_batch_size=<tokens / n>
 
@@ -26,11 +27,14 @@ coarse levels gain one level per doubling of length.
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from queue import Queue
 
 import benchlib
 from runlib import (ROOT, DATA_GROUPS, add_sweep_arguments, append_record, data_overrides, hydra_value, main_guard,
@@ -50,8 +54,10 @@ def evaluation_key(record: dict, seq_len: int) -> str:
     return json.dumps([record["key"], seq_len])
 
 
-def evaluation(record: dict, out: Path, seq_len: int, eval_tokens: int, timeout_s: float | None) -> dict:
-    """Score one trained point (its sweep record) at seq_len with eval.py: the evaluation's record."""
+def evaluation(record: dict, out: Path, seq_len: int, eval_tokens: int, timeout_s: float | None,
+               gpu: str | None = None) -> dict:
+    """Score one trained point (its sweep record) at seq_len with eval.py (on CUDA_VISIBLE_DEVICES=gpu
+    if given): the evaluation's record."""
     run_dir = out / record["run_dir"]
     result_path = out / "evaluations" / f"{Path(record['run_dir']).name}_n{seq_len}.json"
     command = [sys.executable, str(EVAL), f"ckpt_path={hydra_value(run_dir / 'checkpoints' / 'best.ckpt')}",
@@ -59,7 +65,8 @@ def evaluation(record: dict, out: Path, seq_len: int, eval_tokens: int, timeout_
                f"out={hydra_value(result_path)}"]
     started = time.time()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
         returncode, stderr = done.returncode, done.stderr
     except subprocess.TimeoutExpired:
         returncode, stderr = None, ""
@@ -123,16 +130,27 @@ def main() -> int:
     jsonl = spec.out / "evaluations.jsonl"
     lengths = sorted({factor * args.train_length for factor in args.factors})
     done = read_records(jsonl)
-    for record in (r for r in trained if r["status"] == "ok"):
-        for seq_len in lengths:
-            if evaluation_key(record, seq_len) in done:
-                continue
-            entry = evaluation(record, spec.out, seq_len, args.eval_tokens, args.timeout)
+    todo = [(record, seq_len) for record in trained if record["status"] == "ok" for seq_len in lengths
+            if evaluation_key(record, seq_len) not in done]
+    slots: Queue = Queue()  # evaluations side by side, one per --gpus entry (as the sweep's points)
+    for gpu in args.gpus or [None]:
+        slots.put(gpu)
+
+    def evaluate(record: dict, seq_len: int) -> dict:
+        gpu = slots.get()
+        try:
+            return evaluation(record, spec.out, seq_len, args.eval_tokens, args.timeout, gpu)
+        finally:
+            slots.put(gpu)
+
+    with ThreadPoolExecutor(slots.qsize()) as pool:
+        for future in as_completed([pool.submit(evaluate, *item) for item in todo]):
+            entry = future.result()
             append_record(jsonl, entry)
             done[entry["key"]] = entry
             shown = f"test = {entry.get('test/' + primary_metric([entry], 'auto'), math.nan):.4g}" \
                 if entry["status"] == "ok" else entry["reason"][:200]
-            print(f"{record['label']} at {seq_len:,}: {entry['status']} ({shown})", flush=True)
+            print(f"{entry['label']} at {entry['seq_len']:,}: {entry['status']} ({shown})", flush=True)
     evaluations = [done[evaluation_key(r, n)] for r in trained for n in lengths if evaluation_key(r, n) in done]
     if not evaluations:
         print("no trained point to evaluate", file=sys.stderr)
