@@ -1,7 +1,9 @@
-"""The fused Triton downsampling (fma/downsample/fused.py) against its torch path (fma/downsample/cellwise.py).
+"""The fused Triton downsampling (fma/downsample/fused.py; multilevel through fma/downsample/multilevel.py)
+against its torch path (fma/downsample/cellwise.py).
 
 CPU: the kernels run under the Triton interpreter in a subprocess (TRITON_INTERPRET=1 must be set
-before the kernels are defined, and must not leak into the rest of the suite), outputs NaN-poisoned. GPU (skipped without
+before the kernels are defined, and must not leak into the rest of the suite), outputs NaN-poisoned; and,
+without Triton, multilevel's effective filters and biases against `upward` in float64. GPU (skipped without
 CUDA): the lead's shapes against a float64 run of the torch path, with NaN-poisoned outputs.
 """
 
@@ -19,6 +21,9 @@ import torch
 from attention_testing import relative_error
 from fma import ConfigurationError, FastMultipoleAttention
 from fma.downsample import Downsample
+from fma.downsample.cellwise import summarise
+from fma.downsample.multilevel import effective_filters, padded_biases
+from fma.indexing import level_widths
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -28,7 +33,8 @@ needs_cuda = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), 
 # Tile sizes that split d into several channel blocks and the (head, top cell) pairs into several
 # groups with a masked tail (with 3 heads: 24 pairs in groups of 16).
 SMALL_TILES = dict(FWD_E=16, FWD_BD=8, FWD_TOK=8, DX_E=16, DX_BD=8, DX_TOK=8, DW_E=16, DW_BD=8, DW_TOK=8)
-# (kind, n, block_size m, rank p, padding, forward chunk or None for the automatic one, trainable, options)
+# (kind, n, block_size m, rank p, padding, forward chunk or None for the automatic one, trainable, options);
+# options: heads, tiles, maps (multilevel_maps), max_seq_len (default n).
 CPU_CASES = [
     ("groupedconv", 64, 16, 1, False, None, True, {}),
     ("groupedconv", 64, 8, 2, True, None, True, {}),
@@ -42,6 +48,13 @@ CPU_CASES = [
     ("avgpool", 64, 8, 2, True, None, True, {}),
     ("avgpool", 128, 16, 1, False, 16, True, {}),
     ("avgpool", 256, 8, 4, True, None, True, {"heads": 3, "tiles": SMALL_TILES}),
+    ("multilevel", 64, 8, 2, False, None, True, {}),
+    ("multilevel", 128, 8, 3, True, 32, True, {}),
+    ("multilevel", 128, 16, 1, False, None, True, {"maps": "per_level", "max_seq_len": 256}),  # one map unused
+    ("multilevel", 256, 16, 2, True, None, True, {"maps": "per_level"}),
+    ("multilevel", 128, 8, 2, True, None, False, {"maps": "per_level"}),  # frozen basis: only the input gradient
+    ("multilevel", 128, 8, 2, True, None, True, {"heads": 3, "tiles": SMALL_TILES}),
+    ("multilevel", 384, 48, 2, True, None, True, {"maps": "per_level"}),  # m not a power of two
 ]
 BATCH, HEADS, HEAD_DIM = 2, 2, 16
 CPU_TOLERANCE = 1e-5
@@ -50,7 +63,9 @@ CPU_TOLERANCE = 1e-5
 def case_id(case) -> str:
     kind, n, m, p, padded, chunk, trainable, options = case
     return (f"{kind}-n{n}-m{m}-p{p}-{'pad' if padded else 'nopad'}-chunk{chunk}{'' if trainable else '-frozen'}"
-            f"{'-h' + str(options['heads']) if 'heads' in options else ''}{'-small-tiles' if 'tiles' in options else ''}")
+            f"{'-h' + str(options['heads']) if 'heads' in options else ''}{'-small-tiles' if 'tiles' in options else ''}"
+            f"{'-' + options['maps'] if 'maps' in options else ''}"
+            f"{'-max' + str(options['max_seq_len']) if 'max_seq_len' in options else ''}")
 
 
 def qkv_view(generator, batch, heads, n, d, dtype=torch.float32, device="cpu"):
@@ -93,7 +108,8 @@ def check_cpu_case(case) -> dict[str, float]:
 
     kind, n, m, p, padded, chunk, trainable, options = case
     generator = torch.Generator().manual_seed(zlib.crc32(case_id(case).encode()))
-    module = Downsample(kind, head_dim=HEAD_DIM, block_size=m, rank=p, max_seq_len=n)
+    module = Downsample(kind, head_dim=HEAD_DIM, block_size=m, rank=p, max_seq_len=options.get("max_seq_len", n),
+                        multilevel_maps=options.get("maps", "shared"))
     randomise(module, generator)
     module.requires_grad_(trainable)
     x = qkv_view(generator, BATCH, options.get("heads", HEADS), n, HEAD_DIM)
@@ -109,6 +125,8 @@ def check_cpu_case(case) -> dict[str, float]:
     assert set(actual) == set(expected), (set(actual), set(expected))
     assert all(s._base is summaries[0]._base for s in summaries), "levels are not views of one buffer"
     assert (counts is None) == (counts_ref is None)
+    if kind == "multilevel" and padded:  # some parent drops an empty child: the bias correction matters
+        assert any((c == 0).any() for c in counts[:-1]), "no empty child cell"
     errors = {name: relative_error(actual[name], expected[name]) for name in expected}
     if counts is not None:
         errors["counts"] = max(relative_error(a, b) for a, b in zip(counts, counts_ref))
@@ -137,6 +155,41 @@ def test_fused_matches_torch_path_under_interpreter(interpreter_results, case):
     assert trainable == any(name.startswith("d weight") for name in errors) or case[0] == "avgpool"
     bad = {name: err for name, err in errors.items() if not err <= CPU_TOLERANCE}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("maps", ["shared", "per_level"])
+@pytest.mark.parametrize("n, m, p", [(32, 4, 2), (64, 8, 3), (128, 4, 1)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_multilevel_effective_filters_reproduce_upward(maps, n, m, p, padded):
+    """No Triton: multilevel as the fused path runs it (groupedconv of every level with the effective
+    filters W_l^eff and biases beta_l; padded: zero biases plus `padded_biases`) equals the torch path's
+    `upward` in float64, summaries and the gradients of x, weight and bias."""
+    generator = torch.Generator().manual_seed(n + 10 * p + padded)
+    module = Downsample("multilevel", head_dim=4, block_size=m, rank=p, max_seq_len=n, multilevel_maps=maps).double()
+    randomise(module, generator)
+    x = torch.randn(2, 3, n, 4, generator=generator, dtype=torch.float64).requires_grad_()
+    mask = padding_mask(generator, 2, n) if padded else None
+    expected, counts = module(x, mask, backend="torch")
+    widths = level_widths(n, m)
+    parameters = module.parameters_of_levels(len(widths))
+    filters, biases = effective_filters(parameters)
+    assert filters.shape == (p * sum(widths), 4) and biases.shape == (len(widths) * p, 4)
+    zero_filled = x if mask is None else x.masked_fill(mask[:, None, :, None], 0)
+    starts = [p * sum(widths[:level]) for level in range(len(widths) + 1)]
+    levels = [summarise("groupedconv", zero_filled, width, p, filters[start:end].view(p, width, 4),
+                        biases[level * p:(level + 1) * p] * (mask is None), None)
+              for level, (width, start, end) in enumerate(zip(widths, starts, starts[1:]))]
+    actual = torch.cat(levels, 2)
+    if mask is not None:
+        assert any((c == 0).any() for c in counts[:-1]), "no empty child cell"
+        actual = actual + padded_biases(parameters, counts, n, m)
+    grad = torch.randn(actual.shape, generator=generator, dtype=torch.float64)
+    wrt = [x, module.weight, module.bias]
+    expected_grads = torch.autograd.grad(torch.cat(expected, 2), wrt, grad)
+    actual_grads = torch.autograd.grad(actual, wrt, grad)
+    assert relative_error(actual, torch.cat(expected, 2)) < 1e-12
+    for name, a, e in zip(["dx", "d weight", "d bias"], actual_grads, expected_grads):
+        assert relative_error(a, e) < 1e-12, name
 
 
 def test_cpu_inputs_take_the_torch_path_and_import_no_triton():
@@ -175,15 +228,19 @@ GPU_BATCH, GPU_HEADS, GPU_DIM, GPU_BLOCK, GPU_RANK = 2, 8, 64, 64, 2
 
 
 @needs_cuda
-@pytest.mark.parametrize("kind", ["groupedconv", "avgpool"])
+@pytest.mark.parametrize("kind", ["groupedconv", "avgpool", "multilevel", "multilevel per_level"])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 1e-2), (torch.float32, 1e-4)], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("n, padded", [(1024, False), (1024, True), (65536, False)])
 def test_gpu_fused_matches_float64(monkeypatch, kind, dtype, tolerance, n, padded):
+    """kind: a kind, or "multilevel per_level" (multilevel_maps=per_level)."""
     monkeypatch.setenv("FMA_TRITON_POISON", "1")  # unwritten elements stay NaN
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    kind, *maps = kind.split()
+    options = dict(head_dim=GPU_DIM, block_size=GPU_BLOCK, rank=GPU_RANK, max_seq_len=n,
+                   multilevel_maps=maps[0] if maps else "shared")
     generator = torch.Generator().manual_seed(n + (dtype == torch.float32))
-    module = Downsample(kind, head_dim=GPU_DIM, block_size=GPU_BLOCK, rank=GPU_RANK, max_seq_len=n)
+    module = Downsample(kind, **options)
     randomise(module, generator)
     module = module.cuda()
     x = qkv_view(generator, GPU_BATCH, GPU_HEADS, n, GPU_DIM, dtype, "cuda")
@@ -196,7 +253,7 @@ def test_gpu_fused_matches_float64(monkeypatch, kind, dtype, tolerance, n, padde
     assert summaries[0].dtype == dtype and summaries[0]._base is not None
     for name, value in actual.items():
         assert not value.isnan().any(), f"{name}: unwritten (NaN) elements"
-    reference = Downsample(kind, head_dim=GPU_DIM, block_size=GPU_BLOCK, rank=GPU_RANK, max_seq_len=n)
+    reference = Downsample(kind, **options)
     reference.load_state_dict(module.state_dict())
     reference = reference.cuda().double()
     expected, _, _ = outputs_and_gradients(reference, x.double(), mask, [g.double() for g in grads], backend="torch")

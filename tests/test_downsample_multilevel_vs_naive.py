@@ -1,6 +1,7 @@
 """The multilevel learned basis (fma/downsample/cellwise.py `upward`, through the module and the FMA
 layer) against its per-cell reference (fma/downsample/naive.py): summaries, counts and gradients,
-length independence, causality, padding, its averaging initialisation, and the refused triton backend; with
+length independence, causality, padding, its averaging initialisation, and which backend runs it (the fused
+path itself: tests/test_downsample_fused_vs_cellwise.py); with
 multilevel_maps=per_level (one child-to-parent map per level of max_seq_len) the same against the reference,
 its parameter count, its refusal past max_seq_len, and the chunk shares context parallelism sums."""
 
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from attention_testing import relative_error
 from conftest import ROOT
 from fma import ConfigurationError, FastMultipoleAttention
-from fma.downsample import Downsample
+from fma.downsample import FUSED_KINDS, Downsample
 from fma.downsample.naive import summarise_cell
 from fma.full.naive import softmax_attention
 from fma.indexing import level_widths, padded_length
@@ -293,13 +294,16 @@ def test_initialisation_with_padding_equals_groupedconv_initialisation():
     assert all(torch.equal(a, b) for a, b in zip(multilevel_counts, grouped_counts))
 
 
-def test_triton_backend_is_refused_and_auto_takes_the_torch_path():
-    """The fused kernels do not cover multilevel: backend=triton says so and names the overrides."""
-    with pytest.raises(ConfigurationError, match=r"model\.attention\.backend=auto.*model\.attention\.downsample="):
-        FastMultipoleAttention(dim=16, num_heads=2, causal=True, block_size=BLOCK, downsample="multilevel",
-                               backend="triton")
-    downsample = Downsample("multilevel", head_dim=HEAD_DIM, block_size=BLOCK, rank=RANK, max_seq_len=64)
+@pytest.mark.parametrize("maps", MAPS)
+def test_fused_like_groupedconv_and_auto_takes_the_torch_path_on_the_cpu(maps):
+    """multilevel runs on the groupedconv kernel (both maps): backend=triton is accepted by the layer; auto
+    takes the torch path for CPU inputs, and so must a float64 input (no kernel for it), which triton refuses."""
+    assert "multilevel" in FUSED_KINDS
+    FastMultipoleAttention(dim=16, num_heads=2, causal=True, block_size=BLOCK, downsample="multilevel",
+                           multilevel_maps=maps, max_seq_len=64, backend="triton")
+    downsample = Downsample("multilevel", head_dim=HEAD_DIM, block_size=BLOCK, rank=RANK, max_seq_len=64,
+                            multilevel_maps=maps)
     x = torch.randn(1, 2, 64, HEAD_DIM)
-    with pytest.raises(ConfigurationError, match=r"model\.attention\.backend="):
-        downsample.resolved_backend(x, "triton")
-    assert downsample.resolved_backend(x, "auto") == "torch"
+    assert downsample.resolved_backend(x, "auto") == downsample.resolved_backend(x.double(), "auto") == "torch"
+    with pytest.raises(ConfigurationError, match=r"no kernel for downsample=multilevel in torch\.float64"):
+        downsample.resolved_backend(x.double(), "triton")

@@ -39,13 +39,21 @@ def upward(x: torch.Tensor, block_size: int, rank: int, parameters, counts) -> l
 
     parameters: per level, `Downsample.level_parameters`: level 1's (W1 [p, m, d], b1 [p, d]), groupedconv
     over m-token cells, then each coarser level's map (A_l [p, 2p, d], b_l [p, d]; shared maps: the same
-    views at every level). A parent's two children are consecutive cells, so in cell-major order their 2p
-    summaries are consecutive too: each coarser level is groupedconv of width 2p over the finer level's
-    summaries, O(n d p) work in all. counts: `real_counts` per level, or None when nothing is padded; a
-    child of no real token is zeroed before its parent's map, so it contributes nothing (not even its bias).
+    views at every level). counts: `real_counts` per level, or None when nothing is padded.
     """
     leaf, *maps = parameters
-    summaries = [summarise("groupedconv", x, block_size, rank, *leaf, None)]
+    return upward_from(summarise("groupedconv", x, block_size, rank, *leaf, None), rank, maps, counts)
+
+
+def upward_from(leaves: torch.Tensor, rank: int, maps, counts) -> list[torch.Tensor]:
+    """multilevel's coarser levels from level 1's summaries leaves [batch, heads, (n / m) * p, d] -> levels
+    1..len(maps) + 1. A parent's two children are consecutive cells, so in cell-major order their 2p
+    summaries are consecutive too: each coarser level is groupedconv of width 2p over the finer level's
+    summaries, O(n d p) work in all. maps: (A_l, b_l) of levels 2.. ; counts: `real_counts` per level, or
+    None; a child of no real token is zeroed before its parent's map, so it contributes nothing (not even
+    its bias). (`multilevel.padded_biases` runs it on the biases alone.)
+    """
+    summaries = [leaves]
     for merge, children_counts in zip(maps, counts or [None] * len(maps)):
         children = summaries[-1]
         if children_counts is not None:

@@ -19,8 +19,9 @@ A summary mixes only tokens of its own cell, which keeps the causal version leak
 
 Two paths, chosen by `backend` (the FMA layer passes its own): "torch" (`cellwise.py`, any device),
 "triton" (`fused.py`: groupedconv and avgpool, all levels in one pass over x, forward and backward;
-CUDA, or the CPU under TRITON_INTERPRET=1), "auto" (triton for CUDA inputs it supports, else torch).
-The fused path returns its summaries in x's dtype, as views of one buffer [B, H, T, d].
+multilevel on the groupedconv kernel with its tree's effective filters, `multilevel.py`; CUDA, or the
+CPU under TRITON_INTERPRET=1), "auto" (triton for CUDA inputs it supports, else torch). conv has no
+kernel. The fused path returns its summaries in x's dtype, as views of one buffer [B, H, T, d].
 """
 
 import math
@@ -32,9 +33,10 @@ from ..errors import ConfigurationError
 from ..indexing import level_widths, padded_length
 from ..kernels import TRITON_INSTALLED, interpreted
 from .cellwise import real_counts, summarise, upward
+from .multilevel import fused_upward
 
 DOWNSAMPLE_KINDS = ("groupedconv", "conv", "avgpool", "multilevel")
-FUSED_KINDS = ("groupedconv", "avgpool")
+FUSED_KINDS = ("groupedconv", "avgpool", "multilevel")
 ANY_LENGTH_KINDS = ("avgpool", "multilevel")  # parameters (if any) independent of the length: no max_seq_len
 MULTILEVEL_MAPS = ("shared", "per_level")  # multilevel's child-to-parent maps: per_level is not of any length
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,7 +53,8 @@ class Downsample(nn.Module):
     tokens only: the learned kinds apply their linear map to the real tokens, avgpool divides by
     the real count; multilevel also drops a child cell of no real token from its parent's map (its
     summaries are zeroed: its bias would otherwise stand in for tokens that do not exist), so without
-    biases it is groupedconv with filters factored across levels. groupedconv and conv have parameters
+    biases it is groupedconv with filters factored across levels (its fused path runs it as such, with
+    the biases added separately: `multilevel.py`). groupedconv and conv have parameters
     for the levels of lengths up to `max_seq_len` (`level_parameters`), and so does multilevel with
     multilevel_maps="per_level" (`any_length` is False for these three); the other kinds ignore it.
     """
@@ -134,12 +137,15 @@ class Downsample(nn.Module):
             x = x.masked_fill(padding_mask[:, None, :, None], 0)
             real = (~padding_mask).to(torch.promote_types(x.dtype, torch.float32))
             counts = [real_counts(self.kind, real, width, self.rank) for width in widths]
+        parameters = self.parameters_of_levels(len(widths))
         if self.resolved_backend(x, backend) == "triton":
             from .fused import fused_summaries, split_levels  # imports Triton: only here
 
-            buffer = fused_summaries(x, self.kind, self.block_size, self.rank, self.weight, self.bias, counts)
+            if self.kind == "multilevel":
+                buffer = fused_upward(x, self.block_size, self.rank, parameters, counts)
+            else:
+                buffer = fused_summaries(x, self.kind, self.block_size, self.rank, self.weight, self.bias, counts)
             return split_levels(buffer, self.block_size, self.rank), counts
-        parameters = self.parameters_of_levels(len(widths))
         if self.kind == "multilevel":
             return upward(x, self.block_size, self.rank, parameters, counts), counts
         summaries = [summarise(self.kind, x, width, self.rank, weight, bias, count) for width, (weight, bias), count
