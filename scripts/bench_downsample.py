@@ -6,7 +6,7 @@
 The input is a non-contiguous view [batch, heads, n, d] of a qkv-like projection, as in the model;
 gradients are taken with torch.autograd.grad (of x and the parameters, nothing accumulated). Prints
 median milliseconds (triton.testing.do_bench) of forward and of forward + backward for both paths
-(the torch path alone for the kinds without a fused kernel: conv, multilevel),
+(the torch path alone for the kind without a fused kernel: conv),
 and the floor of forward + backward (x read twice, dx written, summaries written and read, at the
 H200's ~4.3 TB/s), as quoted in fma/downsample/fused.py.
 """

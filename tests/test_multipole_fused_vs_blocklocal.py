@@ -87,11 +87,14 @@ INTERPRETER_CASES = {
     for n, masks in [(64, "none"), (128, "none"), (128, "random-counts"), (128, "random-counts-unscaled"),
                      (100, "module-padding")]
 }
+# Many summaries per cell (as H-Transformer-1D's p = 8 at longer lengths): 3pL = 144 coarse slots, in
+# three 64-slot coarse tiles
+INTERPRETER_CASES["bidirectional-n512-p12-none"] = dict(causal=False, n=512, masks="none", rank=12, batch=1)
 
 
-def run_interpreter_case(causal, n, masks):
+def run_interpreter_case(causal, n, masks, rank=2, batch=2):
     """Triton (interpreted) vs the torch backend in float32: {name: relative error}, plus empty-row checks."""
-    m, p, d = 16, 2, 16
+    m, p, d = 16, rank, 16
     seed = n + 2 * causal + len(masks)
     if masks == "module-padding":  # the module pads 100 -> 128 and builds mask and counts itself
         generator = torch.Generator().manual_seed(seed)
@@ -126,7 +129,7 @@ def run_interpreter_case(causal, n, masks):
         errors["all finite"] = 0.0 if all(torch.isfinite(x).all() for x in results["triton"]) else 1.0
         return errors
 
-    inputs = random_inputs(n, block_size=m, rank=p, head_dim=d, batch=2, heads=2,
+    inputs = random_inputs(n, block_size=m, rank=p, head_dim=d, batch=batch, heads=2,
                            dtype=torch.float32, device="cpu", seed=seed)
     if masks.startswith("random-counts"):  # padded fine keys, and summaries of 0..2 real tokens (0: masked)
         generator = torch.Generator().manual_seed(seed + 1)

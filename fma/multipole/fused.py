@@ -106,11 +106,13 @@ def triton_block_local_attention(q, k, v, coarse_k, coarse_v, *, block_size, ran
 @functools.lru_cache(maxsize=32)
 def _coarse_index(n: int, m: int, rank: int, causal: bool, device: torch.device) -> torch.Tensor:
     """[n/m, C] int32: per fine block, rows into cat(level 1, ..., level L summaries) it attends to,
-    -1 for none; C = the layout's coarse slots (2pL or 3pL) padded to a power of two >= 16."""
+    -1 for none; C = the layout's coarse slots (2pL or 3pL) padded to a power of two >= 16, or above
+    64 to a multiple of the 64-slot coarse tile (H-Transformer-1D's p = 8 at 16K: 144 slots -> 192, not 256)."""
     key_index, allowed = block_local_layout(n, m, rank, causal, device)
     fine_slots = (2 if causal else 3) * m
     coarse = (key_index[:, fine_slots:] - n).masked_fill(~allowed[:, 0, fine_slots:], -1)
-    width = max(16, triton.next_power_of_2(coarse.shape[1]))
+    slots = coarse.shape[1]
+    width = max(16, triton.next_power_of_2(slots)) if slots <= 64 else 64 * triton.cdiv(slots, 64)
     coarse = torch.nn.functional.pad(coarse, (0, width - coarse.shape[1]), value=-1)
     return coarse.to(torch.int32).contiguous()
 
