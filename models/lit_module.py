@@ -119,13 +119,9 @@ class LanguageModelModule(L.LightningModule):
         return hash((self.seed, self.global_step, rank)) % 2**63
 
     def _features_and_targets(self, batch, generator=None):
-        """Final features [tokens, dim] and targets [tokens] (IGNORE where nothing is scored): every
-        position, or only the scored ones for an objective with sparse targets (masked LM)."""
-        return self._features_targets_count(batch, generator)[:2]
-
-    def _features_targets_count(self, batch, generator=None):
-        """_features_and_targets and None; context-parallel: of this rank's chunk of every sequence, and the
-        whole sequences' scored count."""
+        """Final features [tokens, dim], targets [tokens] (IGNORE where nothing is scored) and None: every
+        position, or only the scored ones for an objective with sparse targets (masked LM). Context-parallel:
+        of this rank's chunk of every sequence, and the whole sequences' scored count instead of None."""
         split = self.context_group is not None
         if split and generator is None:  # masked LM: rank 0's draws, which one process would make
             generator = torch.Generator(self.device).manual_seed(self._step_seed(0))
@@ -178,7 +174,7 @@ class LanguageModelModule(L.LightningModule):
     def training_loss(self, batch):
         """The loss this rank backpropagates: the batch's mean NLL over its scored targets; context-parallel,
         this rank's share of it times the ranks (see the class), so that DDP's average is the gradient."""
-        features, targets, scored_total = self._features_targets_count(batch)
+        features, targets, scored_total = self._features_and_targets(batch)
         if scored_total is None:
             return self._nll_sum(features, targets) / (targets != IGNORE).sum().clamp(min=1)  # may score nothing
         return self._nll_sum(features, targets) / scored_total.clamp(min=1) * self.context_world
@@ -193,7 +189,7 @@ class LanguageModelModule(L.LightningModule):
     def _eval_step(self, batch, batch_idx, metric):
         # Masked LM draws the same masks at every evaluation: a generator seeded by the batch index.
         generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + batch_idx)
-        features, targets = self._features_and_targets(batch, generator)
+        features, targets, _ = self._features_and_targets(batch, generator)
         scored = targets != IGNORE
         nll, correct = 0.0, 0
         for chunk, chunk_targets in self._chunks(features, targets):

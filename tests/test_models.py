@@ -233,7 +233,7 @@ def test_module_loss_and_metric_match_cross_entropy_over_all_logits(objective, l
     expected_grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
 
-    features, module_targets = module._features_and_targets(batch, torch.Generator().manual_seed(0))
+    features, module_targets, _ = module._features_and_targets(batch, torch.Generator().manual_seed(0))
     assert features.shape == ((int(scored.sum()) if objective.sparse_targets else 3 * 40), 32)
     loss_sum = module._nll_sum(features, module_targets)
     torch.testing.assert_close(loss_sum.double(), expected.detach(), rtol=1e-5, atol=0)
