@@ -1,5 +1,7 @@
-"""Fastmax's factorised chunked path (fma/fastmax/chunk.py) against the O(n^2) formula (fma/fastmax/naive.py),
-hand-computed weights, causality, padding, bf16 inputs against fp32, and the layer's settings."""
+"""Fastmax's factorised chunked path (fma/fastmax/chunk.py) against the O(n^2) formula (fma/fastmax/naive.py):
+outputs and gradients in float64 and float32, the hand-written backward under gradcheck, the feature map
+and its gradient, the bytes saved for backward, hand-computed weights, causality, padding, bf16 against
+fp32, and the layer's settings."""
 
 import pytest
 import torch
@@ -7,21 +9,120 @@ import torch
 from attention_testing import assert_same_outputs_and_gradients, padding, random_qkv, relative_error
 from fma.errors import ConfigurationError
 from fma.fastmax import FastmaxAttention  # registers "fastmax"
-from fma.fastmax.chunk import fastmax_attention, normalise, score
+from fma.fastmax.chunk import (blocks, expand, feature_count, feature_gradient, features, fastmax_attention,
+                               gradient_rows, normalise, round_up, score)
 from fma.fastmax.naive import fastmax_reference
 from fma.registry import build_attention
 
 
 @pytest.mark.parametrize("p", [1, 2])
-@pytest.mark.parametrize("causal, chunk_size", [(True, 1), (True, 3), (True, 8), (True, 23), (True, 64), (False, 8)])
-def test_fastmax_matches_quadratic_formula(p, causal, chunk_size):
+@pytest.mark.parametrize("causal, chunk_size, segment_tokens", [
+    (True, 1, 1 << 17), (True, 3, 1 << 17), (True, 8, 1 << 17), (True, 23, 1 << 17), (True, 64, 1 << 17),
+    (True, 3, 30), (True, 4, 46), (False, 8, 1 << 17), (False, 8, 30), (False, 8, 46)])
+def test_fastmax_matches_quadratic_formula(p, causal, chunk_size, segment_tokens):
     """Chunked causal (chunk sizes that do not divide n = 23, one chunk, longer than n) and non-causal
-    paths equal the plain O(n^2) formula: outputs and gradients."""
+    paths equal the plain O(n^2) formula: outputs and gradients. segment_tokens 30 (2 heads x 23 > 30):
+    each batch element alone, its sequence in segments with the state carried across; 46: one batch
+    element's whole sequence per piece."""
     assert_same_outputs_and_gradients(
-        lambda q, k, v: fastmax_attention(q, k, v, p=p, causal=causal, chunk_size=chunk_size),
+        lambda q, k, v: fastmax_attention(q, k, v, p=p, causal=causal, chunk_size=chunk_size,
+                                          segment_tokens=segment_tokens),
         lambda q, k, v: fastmax_reference(q, k, v, p=p, causal=causal),
         random_qkv(23),
     )
+
+
+def test_fastmax_pieces():
+    """Several batch elements per piece where their heads x n fits; else one, in whole chunks."""
+    assert blocks(3, 2, 5, 1, 20) == [(slice(0, 2), [(0, 5)]), (slice(2, 3), [(0, 5)])]
+    assert blocks(2, 2, 24, 4, 20) == [(slice(0, 1), [(0, 8), (8, 16), (16, 24)]),
+                                       (slice(1, 2), [(0, 8), (8, 16), (16, 24)])]
+    assert blocks(1, 2, 24, 0, 20) == [(slice(0, 1), [(0, 10), (10, 20), (20, 24)])]
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fastmax_float32_matches_float64_formula(p, causal):
+    """float32 inputs (computed in float32 throughout): outputs and gradients within 1e-5 of the float64
+    formula, n = 50 not a multiple of the chunk, two segments, the last 3 keys padded."""
+    q, k, v = random_qkv(50, head_dim=16)
+    mask = padding(2, 50, 47)
+    direction = torch.randn(2, 2, 50, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    out = fastmax_attention(*inputs, p=p, causal=causal, chunk_size=16, padding_mask=mask, segment_tokens=64)
+    expected = fastmax_reference(q, k, v, p=p, causal=causal, padding_mask=mask)
+    assert out.dtype == torch.float32
+    grads = torch.autograd.grad((out * direction.float()).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * direction).sum(), (q, k, v))
+    for actual, wanted in zip([out, *grads], [expected, *expected_grads]):
+        assert relative_error(actual, wanted) < 1e-5
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fastmax_hand_written_backward_gradcheck(p, causal):
+    """The custom autograd Function's backward against finite differences (float64, padding, a sequence
+    that is not a multiple of the chunk, segments with a carried state)."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 7, 4, dtype=torch.float64, generator=generator).requires_grad_() for _ in range(3))
+    mask = padding(1, 7, 5)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: fastmax_attention(q, k, v, p=p, causal=causal, chunk_size=3, padding_mask=mask,
+                                          segment_tokens=6),
+        (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 8, 64])
+@pytest.mark.parametrize("p", [1, 2])
+def test_fastmax_features(d, p):
+    """phi_q(q).phi_k(k) = f(q.k); 1 + d + d(d+1)/2 features for p = 2 (2145 at d = 64), padded to a
+    multiple of 8; the gradient of phi(x).S y through the expanded state equals autograd's."""
+    generator = torch.Generator().manual_seed(d)
+    x, y = (torch.randn(3, 5, d, dtype=torch.float64, generator=generator) for _ in range(2))
+    phi_x, phi_y = features(x, p, key=False), features(y, p, key=True)
+    assert feature_count(64, 2) == 2145 and phi_x.shape[-1] == round_up(feature_count(d, p)) < feature_count(d, p) + 8
+    torch.testing.assert_close(phi_x @ phi_y.transpose(-1, -2), score(x @ y.transpose(-1, -2), p),
+                               rtol=1e-12, atol=1e-12)
+    state = torch.randn(3, phi_x.shape[-1], 4, dtype=torch.float64, generator=generator)
+    weights = torch.randn(3, 5, 4, dtype=torch.float64, generator=generator)
+    rows = gradient_rows(d, p, x.device)
+    for key in (False, True):
+        leaf = x.clone().requires_grad_()
+        (expected,) = torch.autograd.grad((features(leaf, p, key=key) @ state * weights).sum(), leaf)
+        actual = feature_gradient(weights, expand(state, rows, d, query=not key), x, d)
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def saved_bytes(fn, *inputs) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of fn(*inputs)."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(*inputs)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fastmax_saved_bytes_per_position_bounded(causal):
+    """What backward keeps: q, k, v, the output and normaliser per position, and a carried state per
+    segment (causal; segments of 128 positions x 2 heads) or one state per row: at most 4 d + 1 numbers
+    per position plus D (d + 1) / 128 (both padded), whatever n, and less than one feature vector phi(k)
+    [D] per position (what the states and features of a plain autograd graph would far exceed)."""
+    d, chunk, segment_tokens = 16, 8, 256
+    state = round_up(feature_count(d, 2)) * round_up(d + 1)  # numbers in one state, D x e padded
+    per_position = []
+    for n in (256, 1024):
+        q, k, v = (x.detach().float().requires_grad_() for x in random_qkv(n, batch=1, head_dim=d))
+        total = saved_bytes(lambda q, k, v: fastmax_attention(q, k, v, p=2, causal=causal, chunk_size=chunk,
+                                                              segment_tokens=segment_tokens), q, k, v)
+        per_position.append(total / (2 * n))
+    assert per_position[1] <= 4 * (4 * d + 1 + state / 128)
+    assert per_position[1] < 4 * feature_count(d, 2)
+    assert per_position[1] <= 1.25 * per_position[0]
 
 
 @pytest.mark.parametrize("causal, p, expected", [
@@ -105,6 +206,24 @@ def test_fastmax_bf16_matches_fp32(p, causal):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
     assert relative_error(out, expected) < 2.5e-3
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_fastmax_under_bf16_autocast(p, causal):
+    """Under autocast the features, scores and products run in bf16 (running sums in float32): a finite
+    output close to the float32 result, in the input dtype as autocast leaves it, and finite gradients."""
+    q, k, v = (x.detach().float().requires_grad_() for x in random_qkv(40, head_dim=16))
+    mask = padding(2, 40, 37)
+    expected = fastmax_attention(q, k, v, p=p, causal=causal, chunk_size=16, padding_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastmax_attention(q, k, v, p=p, causal=causal, chunk_size=16, padding_mask=mask, segment_tokens=64)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert relative_error(out, expected) < 1e-2
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.isfinite(grad).all() and relative_error(grad, expected_grad) < 5e-2
 
 
 @pytest.mark.parametrize("options, setting", [({"p": 3}, "model.attention.p"), ({"p": 0}, "model.attention.p"),

@@ -14,7 +14,7 @@ class FastmaxAttention(AttentionLayer):
     chunk_size: positions per chunk in the causal form (quadratic within, recurrent across).
     """
 
-    def __init__(self, *, dim: int, num_heads: int, causal: bool, p: int = 2, chunk_size: int = 64):
+    def __init__(self, *, dim: int, num_heads: int, causal: bool, p: int = 2, chunk_size: int = 512):
         super().__init__(dim=dim, num_heads=num_heads, causal=causal)
         if p not in (1, 2):
             raise ConfigurationError(f"p={p} is not a supported degree; set model.attention.p=1 or 2.")
