@@ -307,3 +307,37 @@ def test_fused_like_groupedconv_and_auto_takes_the_torch_path_on_the_cpu(maps):
     assert downsample.resolved_backend(x, "auto") == downsample.resolved_backend(x.double(), "auto") == "torch"
     with pytest.raises(ConfigurationError, match=r"no kernel for downsample=multilevel in torch\.float64"):
         downsample.resolved_backend(x.double(), "triton")
+
+
+@pytest.mark.parametrize("bf16_parameters", [False, True])
+def test_fused_multilevel_builds_float32_filters_under_autocast(monkeypatch, bf16_parameters):
+    """The kernel takes float32 filters (it splits them hi + lo for bf16 inputs), also when the model runs
+    under bf16 autocast or in bf16: the effective filters are built in float32 from upcast parameters,
+    equal to the float32 construction (the kernel itself is stubbed: no Triton run)."""
+    pytest.importorskip("triton")
+    from fma.downsample import fused, multilevel
+
+    n, m, p, d = 64, 8, 2, 8
+    summaries = sum(n // w * p for w in level_widths(n, m))
+    seen = {}
+
+    def kernel_stub(x, kind, block_size, rank, weight, bias, counts=None):
+        seen.update(kind=kind, weight=weight, bias=bias)
+        return torch.zeros(*x.shape[:2], summaries, d, dtype=x.dtype)
+
+    monkeypatch.setattr(fused, "fused_summaries", kernel_stub)
+    down = Downsample("multilevel", head_dim=d, block_size=m, rank=p, max_seq_len=n)
+    with torch.no_grad():
+        for parameter in down.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    levels = len(level_widths(n, m))
+    if bf16_parameters:
+        down = down.to(torch.bfloat16)
+    expected = multilevel.effective_filters([(w.double(), b.double()) for w, b in down.parameters_of_levels(levels)])
+    x = torch.randn(1, 2, n, d, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        multilevel.fused_upward(x, m, p, down.parameters_of_levels(levels), None)
+    assert seen["kind"] == "groupedconv"
+    assert seen["weight"].dtype == seen["bias"].dtype == torch.float32
+    assert relative_error(seen["weight"], expected[0]) <= 1e-6
+    assert relative_error(seen["bias"], expected[1]) <= 1e-6

@@ -51,8 +51,14 @@ def fused_upward(x: torch.Tensor, block_size: int, rank: int, parameters, counts
     parameters: `Downsample.parameters_of_levels` for n's levels; counts: `real_counts` per level or None."""
     from .fused import fused_summaries  # imports Triton: only here
 
-    filters, biases = effective_filters(parameters)
+    # In float32 even under autocast or with bf16 parameters, as groupedconv's own filters are: the
+    # kernel splits float32 filters into hi + lo halves, and the levels' products do not compound
+    # bf16 rounding.
+    parameters = [(weight.float(), bias.float()) for weight, bias in parameters]
+    with torch.autocast(x.device.type, enabled=False):
+        filters, biases = effective_filters(parameters)
+        bias_part = None if counts is None else padded_biases(parameters, counts, x.shape[2], block_size)
     if counts is None:
         return fused_summaries(x, "groupedconv", block_size, rank, filters, biases)
     linear = fused_summaries(x, "groupedconv", block_size, rank, filters, torch.zeros_like(biases))
-    return (linear + padded_biases(parameters, counts, x.shape[2], block_size)).to(x.dtype)
+    return (linear + bias_part).to(x.dtype)
