@@ -93,6 +93,33 @@ def test_fastmax_features(d, p):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_fastmax_compiled_graphs_hold_no_index_arithmetic(causal):
+    """gradient_rows is a constant under torch.compile: the arithmetic that built it on tensors (% d,
+    minimum) was folded by inductor into the backward's gather index, which its loop merging on CUDA
+    (torch 2.11) cannot simplify. The traced forward and backward graphs hold no such ops, and the
+    compiled gradient equals eager's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    traced = set()
+
+    def record(graph, _):
+        traced.update(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph.forward)
+
+    layer = build_attention("fastmax", dim=32, num_heads=2, causal=causal, chunk_size=16)
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for run in (layer, torch.compile(layer, backend=aot_autograd(fw_compiler=record, bw_compiler=record),
+                                     fullgraph=True)):
+        leaf = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(run(leaf).square().sum(), leaf)[0])
+    torch._dynamo.reset()
+    assert traced and not [op for op in traced if "remainder" in op or "minimum" in op]
+    assert relative_error(grads[1], grads[0]) <= 1e-5
+
+
 def saved_bytes(fn, *inputs) -> int:
     """Bytes of the distinct storages autograd keeps for backward of fn(*inputs)."""
     storages = {}

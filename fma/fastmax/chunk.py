@@ -141,15 +141,24 @@ def gradient_rows(d: int, p: int, device) -> torch.Tensor:
     p = 2 row d + a d + b the feature holding x_a x_b (a and b in either order). A state S [D, e] gathered
     by these rows (and for queries its squares' rows doubled) is the matrix E with
     d phi(x).S y / dx = (y @ E^T)[:d] + (y @ E^T)[d:].view(d, d) @ x."""
-    linear = torch.arange(1, d + 1, device=device)
-    if p == 1:
-        return linear
-    a, b = torch.arange(d, device=device)[:, None], torch.arange(d, device=device)[None, :]
-    shift, start, rows = (b - a) % d, d + 1, (d + 1) // 2
-    pair = torch.where(shift < d - shift, start + shift * d + a,  # x_a x_{a+s}, s = 0 .. rows - 1
-                       torch.where(shift > d - shift, start + (d - shift) * d + b,  # x_b x_{b+s}
-                                   start + rows * d + torch.minimum(a, b)))  # s = d/2 (even d)
-    return torch.cat([linear, pair.flatten()])
+    return torch.tensor(_gradient_row_list(d, p), device=device)
+
+
+@torch.compiler.assume_constant_result
+def _gradient_row_list(d: int, p: int) -> tuple[int, ...]:
+    """`gradient_rows` as Python ints, a constant under torch.compile: the same index arithmetic on
+    tensors would be folded into the gather's index by inductor, whose loop merging on CUDA (torch 2.11)
+    fails on it ("ModularIndexing(-d, 1, d) is not comparable")."""
+    rows = list(range(1, d + 1))
+    if p == 2:
+        start, diagonals = d + 1, (d + 1) // 2
+        for a in range(d):
+            for b in range(d):
+                shift = (b - a) % d
+                rows.append(start + shift * d + a if shift < d - shift  # x_a x_{a+s}, s = 0 .. diagonals - 1
+                            else start + (d - shift) * d + b if shift > d - shift  # x_b x_{b+s}
+                            else start + diagonals * d + min(a, b))  # s = d/2 (even d)
+    return tuple(rows)
 
 
 def expand(state: torch.Tensor, rows: torch.Tensor, d: int, query: bool) -> torch.Tensor:
