@@ -16,7 +16,7 @@ from attention_testing import assert_same_outputs_and_gradients, make_layer, rel
 from conftest import assert_prefix_unchanged
 from fma import ConfigurationError, build_attention
 from fma.reformer.blockwise import lsh_attention
-from fma.reformer.flex import BLOCK, flex_lsh_attention, window_block_mask
+from fma.reformer.flex import BLOCK, flex_lsh_attention, sorted_codes, window_block_mask
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,6 +39,29 @@ def inputs(n: int, n_buckets: int, rounds: int, seed: int = 0):
     buckets = torch.randint(n_buckets, (2, 2, rounds, n), generator=generator)
     buckets[0, 0, 0, n // 2:] = n_buckets  # one round where the second half is padding's bucket
     return [q.requires_grad_(), F.normalize(q.detach(), dim=-1).requires_grad_(), v.requires_grad_()], buckets
+
+
+@pytest.mark.parametrize("n, window", [(300, 16), (128, 200)])
+def test_sorted_codes_operator(n, window):
+    """The codes are an operator (a fixed buffer under torch.compile): torch.library's checks of schema,
+    fake tensors and dispatch, and its outputs by hand: order sorts the buckets (ties by position), rank
+    inverts it, and a token's code in its own round is its place plus (window + 1) per bucket change
+    before it; padded places hold codes below every real one by more than window."""
+    buckets = inputs(n, 4, 2)[1]
+    torch.library.opcheck(sorted_codes, (buckets, window))
+    order, rank, their_code = sorted_codes(buckets, window)
+    position = torch.arange(n)
+    sorted_buckets = buckets.take_along_dim(order, -1)
+    assert (sorted_buckets.diff(dim=-1) >= 0).all()
+    assert (order.diff(dim=-1)[sorted_buckets.diff(dim=-1) == 0] > 0).all()  # ties by position
+    assert torch.equal(rank.take_along_dim(order, -1), position.expand_as(order))
+    own = their_code.unflatten(1, (2, 2)).diagonal(dim1=2, dim2=3).movedim(-1, 2)[..., :n]  # [b, h, R, n] by place
+    changes = F.pad((sorted_buckets.diff(dim=-1) != 0).cumsum(-1), (1, 0))
+    assert torch.equal(own.long(), position + changes * (window + 1))
+    padded = their_code[..., n:]
+    assert padded.shape[-1] == -(-n // BLOCK) * BLOCK - n
+    if padded.numel():
+        assert (padded.long().amax() + window < their_code[..., :n].long().amin())
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])

@@ -59,28 +59,56 @@ def window_block_mask(n: int, window: int, causal: bool, device: torch.device) -
 cached_window_block_mask = functools.lru_cache(maxsize=16)(window_block_mask)
 
 
-def sorted_rounds(q, k, v, buckets, window: int):
-    """Per round, q, k, v in sorted order, rounds on the head axis and padded to whole blocks
-    ([b, h * R, N, d]); each token's place in each round (rank [b, h, R, n]); and, for each round's
-    sorted places, every round's code of the token there ([b, h * R, R, N])."""
+def code_dtype(padded: int, window: int) -> torch.dtype:
+    """int32 where every code (< padded * (window + 2)) fits, else int64."""
+    return torch.int32 if padded * (window + 2) < 2**31 else torch.int64
+
+
+@torch.library.custom_op("fma::reformer_sorted_codes", mutates_args=())
+def sorted_codes(buckets: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """buckets [b, h, R, n] -> the sorted order of each round (by bucket, ties by position) and each
+    token's place in it (rank), both [b, h, R, n] int64, and for each round's sorted places every round's
+    code of the token there, padded to whole blocks, [b, h * R, R, N]. An operator, so that under
+    torch.compile the codes are a fixed buffer for the score_mod to read: inlined into FlexAttention's
+    template, this index arithmetic failed to lower in inference graphs on CUDA (torch 2.11, "convert
+    FlexibleLayout to FixedLayout first")."""
     batch, heads, rounds, n = buckets.shape
     padded = -(-n // BLOCK) * BLOCK
-    position = torch.arange(n, device=q.device)
-    order = (buckets * n + position).argsort(-1)  # [b, h, R, n]: by bucket, ties by position
+    position = torch.arange(n, device=buckets.device)
+    order = (buckets * n + position).argsort(-1)
     rank = torch.empty_like(order).scatter_(-1, order, position.expand_as(order))  # token -> its place
     sorted_buckets = buckets.take_along_dim(order, dim=-1)
     group = F.pad((sorted_buckets[..., 1:] != sorted_buckets[..., :-1]).cumsum(-1), (1, 0))
-    code_dtype = torch.int32 if padded * (window + 2) < 2**31 else torch.int64
-    code = (rank + group.take_along_dim(rank, dim=-1) * (window + 1)).to(code_dtype)  # [b, h, R, n] per token
+    dtype = code_dtype(padded, window)
+    code = (rank + group.take_along_dim(rank, dim=-1) * (window + 1)).to(dtype)  # [b, h, R, n] per token
     their_code = code.unsqueeze(2).take_along_dim(order.unsqueeze(3), dim=-1)  # [b, h, sorting R, R, n]
-    pad_code = torch.arange(n, padded, device=q.device, dtype=code_dtype) - (padded + window + 1)
+    pad_code = torch.arange(n, padded, device=buckets.device, dtype=dtype) - (padded + window + 1)
     their_code = torch.cat([their_code, pad_code.expand(*their_code.shape[:-1], -1)], dim=-1)
+    return order, rank, their_code.flatten(1, 2)
+
+
+@sorted_codes.register_fake
+def _(buckets, window):
+    batch, heads, rounds, n = buckets.shape
+    padded = -(-n // BLOCK) * BLOCK
+    index = buckets.new_empty(batch, heads, rounds, n, dtype=torch.int64)
+    return (index, torch.empty_like(index),
+            buckets.new_empty(batch, heads * rounds, rounds, padded, dtype=code_dtype(padded, window)))
+
+
+def sorted_rounds(q, k, v, buckets, window: int):
+    """Per round, q, k, v in sorted order, rounds on the head axis and padded to whole blocks
+    ([b, h * R, N, d]); each token's place in each round (rank [b, h, R, n]); and `sorted_codes`'
+    codes [b, h * R, R, N]."""
+    n = buckets.shape[-1]
+    padded = -(-n // BLOCK) * BLOCK
+    order, rank, their_code = sorted_codes(buckets, window)
 
     def arrange(x):  # [b, h, n, d] -> [b, h * R, N, d]
         gathered = x.unsqueeze(2).take_along_dim(order.unsqueeze(-1), dim=3)
         return F.pad(gathered, (0, 0, 0, padded - n)).flatten(1, 2)
 
-    return arrange(q), arrange(k), arrange(v), rank, their_code.flatten(1, 2)
+    return arrange(q), arrange(k), arrange(v), rank, their_code
 
 
 def lsh_score_mod(their_code: torch.Tensor, window: int, causal: bool):
