@@ -13,7 +13,7 @@ import torch
 
 from attention_testing import assert_same_outputs_and_gradients, padding, random_qkv, relative_error
 from fma import ConfigurationError, build_attention
-from fma.linear.chunk import linear_attention
+from fma.linear.chunk import causal_denominator, linear_attention
 from fma.linear.fla import fla_available, fla_causal_linear_attention
 
 needs_fla = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()),
@@ -35,6 +35,15 @@ def test_fla_wrapper_matches_chunk_path(with_padding):
         lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=8, eps=1e-6, padding_mask=mask),
         random_qkv(23),
     )
+
+
+@pytest.mark.parametrize("n, chunk_size", [(23, 8), (64, 64), (5, 64), (130, 1)])
+def test_causal_denominator_equals_one_cumsum(n, chunk_size):
+    """fla's denominator by chunked prefix sums equals phi(q_i) . sum_{j <= i} phi(k_j) (float64)."""
+    generator = torch.Generator().manual_seed(n)
+    phi_q, phi_k = (torch.rand(2, 3, n, 4, dtype=torch.float64, generator=generator) for _ in range(2))
+    expected = (phi_q * phi_k.cumsum(-2)).sum(-1, keepdim=True)
+    torch.testing.assert_close(causal_denominator(phi_q, phi_k, chunk_size), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_backend_option():

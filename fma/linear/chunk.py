@@ -60,6 +60,19 @@ def causal_chunked_sums(phi_q, phi_k, v, chunk_size: int) -> tuple[torch.Tensor,
     return numerator.flatten(2, 3)[:, :, :n], denominator.flatten(2, 3)[:, :, :n]
 
 
+def causal_denominator(phi_q, phi_k, chunk_size: int) -> torch.Tensor:
+    """sum_{j <= i} phi(q_i).phi(k_j) [b, h, n, 1] from phi_q, phi_k [b, h, n, d]: prefix sums of phi(k)
+    within each chunk, plus the chunks before it. One cumsum along n would be a sequential scan of
+    length n per (b, h, d) column on CUDA; here the scans are chunk_size and n / chunk_size long."""
+    n = phi_q.shape[-2]
+    chunks = -(-n // chunk_size)
+    phi_q, phi_k = (F.pad(x, (0, 0, 0, chunks * chunk_size - n)).unflatten(-2, (chunks, chunk_size))
+                    for x in (phi_q, phi_k))
+    within = phi_k.cumsum(-2)  # [b, h, chunks, C, d]
+    before = exclusive_cumsum(within[:, :, :, -1:])  # [b, h, chunks, 1, d]
+    return (phi_q * (within + before)).sum(-1, keepdim=True).flatten(2, 3)[:, :, :n]
+
+
 def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     """Sums over the chunks before each chunk (dim 2), starting from zero; no subtraction, so no cancellation."""
     return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2).cumsum(2)

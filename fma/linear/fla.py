@@ -6,9 +6,9 @@ gates, which is what its `chunk_linear_attn` runs). Here:
 - the feature map elu + 1 is applied beforehand, in float32 (in bf16, elu(x) + 1 cancels to 0 below
   x of about -5.5; computed in float32 and then rounded, phi keeps bf16's relative precision);
 - scale = 1 (this linear attention has no 1/sqrt(d));
-- the denominator phi(q_i) . sum_{j <= i} phi(k_j) is computed here in float32 (a cumulative sum)
-  with the layer's eps, not with fla's `normalize=True`, which divides by the same sum held in the
-  inputs' dtype plus a fixed 1e-10;
+- the denominator phi(q_i) . sum_{j <= i} phi(k_j) is computed here in float32 (prefix sums by
+  chunks, `chunk.causal_denominator`) with the layer's eps, not with fla's `normalize=True`, which
+  divides by the same sum held in the inputs' dtype plus a fixed 1e-10;
 - the numerator runs on fla's kernels in the inputs' dtype (bf16: tensor cores; fla keeps each
   chunk's running state in that dtype in the forward, float32 in the backward; float32 inputs get
   TF32 dots on Ampere and newer unless TRITON_F32_DEFAULT=ieee).
@@ -25,7 +25,7 @@ import importlib.util
 
 import torch
 
-from .chunk import feature_map
+from .chunk import causal_denominator, feature_map
 
 FLA_CHUNK = 64  # fla's chunk length (its default; independent of the layer's chunk_size)
 
@@ -97,7 +97,7 @@ def fla_causal_linear_attention(q, k, v, *, eps: float, padding_mask=None, numer
     phi_q, phi_k = feature_map(q.to(compute)), feature_map(k.to(compute))
     if padding_mask is not None:
         phi_k = phi_k.masked_fill(padding_mask[:, None, :, None], 0.0)
-    denominator = (phi_q * phi_k.cumsum(-2)).sum(-1, keepdim=True)  # [b, h, n, 1], float32
+    denominator = causal_denominator(phi_q, phi_k, FLA_CHUNK)  # [b, h, n, 1], float32
     # fla's layout is [b, n, h, d]; the layer's q, k, v are usually views of [b, n, h, d] already.
     phi_q, phi_k, v = (x.to(dtype).transpose(1, 2).contiguous() for x in (phi_q, phi_k, v))
     out = (numerator or causal_numerator)(phi_q, phi_k, v).transpose(1, 2)
