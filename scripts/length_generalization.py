@@ -32,13 +32,11 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from queue import Queue
 
 import benchlib
 from runlib import (ROOT, DATA_GROUPS, add_sweep_arguments, append_record, data_overrides, hydra_value, main_guard,
-                    plan_points, read_records, run_sweep, spec_from)
+                    on_slots, plan_points, read_records, run_sweep, spec_from)
 from series import UsageError
 from sweep_report import primary_metric
 
@@ -132,25 +130,16 @@ def main() -> int:
     done = read_records(jsonl)
     todo = [(record, seq_len) for record in trained if record["status"] == "ok" for seq_len in lengths
             if evaluation_key(record, seq_len) not in done]
-    slots: Queue = Queue()  # evaluations side by side, one per --gpus entry (as the sweep's points)
-    for gpu in args.gpus or [None]:
-        slots.put(gpu)
+    def evaluate(item: tuple[dict, int], gpu: str | None) -> dict:
+        record, seq_len = item
+        return evaluation(record, spec.out, seq_len, args.eval_tokens, args.timeout, gpu)
 
-    def evaluate(record: dict, seq_len: int) -> dict:
-        gpu = slots.get()
-        try:
-            return evaluation(record, spec.out, seq_len, args.eval_tokens, args.timeout, gpu)
-        finally:
-            slots.put(gpu)
-
-    with ThreadPoolExecutor(slots.qsize()) as pool:
-        for future in as_completed([pool.submit(evaluate, *item) for item in todo]):
-            entry = future.result()
-            append_record(jsonl, entry)
-            done[entry["key"]] = entry
-            shown = f"test = {entry.get('test/' + primary_metric([entry], 'auto'), math.nan):.4g}" \
-                if entry["status"] == "ok" else entry["reason"][:200]
-            print(f"{entry['label']} at {entry['seq_len']:,}: {entry['status']} ({shown})", flush=True)
+    for entry in on_slots(evaluate, todo, args.gpus or [None]):  # side by side as the sweep's points
+        append_record(jsonl, entry)
+        done[entry["key"]] = entry
+        shown = f"test = {entry.get('test/' + primary_metric([entry], 'auto'), math.nan):.4g}" \
+            if entry["status"] == "ok" else entry["reason"][:200]
+        print(f"{entry['label']} at {entry['seq_len']:,}: {entry['status']} ({shown})", flush=True)
     evaluations = [done[evaluation_key(r, n)] for r in trained for n in lengths if evaluation_key(r, n) in done]
     if not evaluations:
         print("no trained point to evaluate", file=sys.stderr)

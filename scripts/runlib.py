@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from queue import Queue
 
@@ -430,6 +430,32 @@ def spec_from(args: argparse.Namespace, *, title: str, overrides: list[str], met
                      retry_failed=args.retry_failed, dry_run=args.dry_run, gpus=list(args.gpus))
 
 
+def on_slots(work, items: list, slots: list):
+    """work(item, slot) for every item, side by side: each entry of slots (e.g. a GPU id; one listed k
+    times runs k items at once) takes one item at a time. Yields the results as they finish. On an
+    error or an interrupt, every running point is stopped (`stop_all_points`) before the error goes on,
+    rather than after the other items finish."""
+    free: Queue = Queue()
+    for slot in slots:
+        free.put(slot)
+
+    def run(item):
+        slot = free.get()
+        try:
+            return work(item, slot)
+        finally:
+            free.put(slot)
+
+    with ThreadPoolExecutor(len(slots)) as pool:
+        futures = [pool.submit(run, item) for item in items]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            stop_all_points()
+            raise
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -490,29 +516,14 @@ def run_points(spec: SweepSpec, plan: list[Point], records: dict[str, dict], tod
                     break
                 finish(point, record)
         else:
-            free: Queue = Queue()
-            for gpu in spec.gpus:
-                free.put(gpu)
-
-            def work(point):
-                gpu = free.get()
-                try:
-                    if _STOPPING.is_set():
-                        return
+            def work(point, gpu):
+                if not _STOPPING.is_set():
                     record = run_point(point, spec.out, spec.timeout_s, gpu, spec.gpus.count(gpu) > 1)
                     if record is not None:
                         finish(point, record)
-                finally:
-                    free.put(gpu)
 
-            with ThreadPoolExecutor(len(spec.gpus)) as pool:
-                futures = [pool.submit(work, point) for point in todo]
-                try:
-                    for future in futures:
-                        future.result()
-                except BaseException:
-                    stop_all_points()
-                    raise
+            for _ in on_slots(work, todo, spec.gpus):
+                pass
     except KeyboardInterrupt:
         stop_all_points()
         print(f"\ninterrupted: {len(read_records(jsonl))} points recorded in {jsonl}; run the same command again "
