@@ -118,34 +118,40 @@ class Downsample(nn.Module):
         """Level `level` (1-based)'s filters W_l [p, w_l, d] or [p, w_l, d, d] and bias [p, d]: views.
         multilevel: W1 [p, m, d] at level 1, the child-to-parent map A_l [p, 2p, d] above it (shared:
         the same A at every level)."""
+        self.check_levels(level)
         bank = min(level, 2) if self.kind == "multilevel" and self.multilevel_maps == "shared" else level
-        if bank > len(self.filter_shapes):
-            raise ConfigurationError(
-                f"downsample={self.kind} has parameters for {len(self.filter_shapes)} levels (those of its "
-                f"max_seq_len), not level {level}; lower data.seq_len= or raise model.attention.max_seq_len=."
-            )
         sizes = [math.prod(shape) // shape[-1] for shape in self.filter_shapes]
         start = sum(sizes[: bank - 1])
         weight = self.weight[start:start + sizes[bank - 1]].view(self.filter_shapes[bank - 1])
         return weight, self.bias[(bank - 1) * self.rank:bank * self.rank]
 
+    def check_levels(self, count: int) -> None:
+        """Refuse more levels than it has parameters for (those of its max_seq_len)."""
+        if self.num_levels is not None and count > self.num_levels:
+            raise ConfigurationError(
+                f"downsample={self.kind} has parameters for {self.num_levels} levels (those of its "
+                f"max_seq_len), not level {count}; lower data.seq_len= or raise model.attention.max_seq_len=."
+            )
+
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, backend: str = "auto"):
         widths = level_widths(x.shape[2], self.block_size)
+        self.check_levels(len(widths))
         if padding_mask is None:
             counts = None
         else:
             x = x.masked_fill(padding_mask[:, None, :, None], 0)
             real = (~padding_mask).to(torch.promote_types(x.dtype, torch.float32))
             counts = [real_counts(self.kind, real, width, self.rank) for width in widths]
-        parameters = self.parameters_of_levels(len(widths))
         if self.resolved_backend(x, backend) == "triton":
             from .fused import fused_summaries, split_levels  # imports Triton: only here
 
             if self.kind == "multilevel":
+                parameters = self.parameters_of_levels(len(widths))
                 buffer = fused_upward(x, self.block_size, self.rank, parameters, counts)
-            else:
+            else:  # the kernels read every level's filters from the one weight and bias
                 buffer = fused_summaries(x, self.kind, self.block_size, self.rank, self.weight, self.bias, counts)
             return split_levels(buffer, self.block_size, self.rank), counts
+        parameters = self.parameters_of_levels(len(widths))
         if self.kind == "multilevel":
             return upward(x, self.block_size, self.rank, parameters, counts), counts
         summaries = [summarise(self.kind, x, width, self.rank, weight, bias, count) for width, (weight, bias), count

@@ -54,9 +54,10 @@ EPS = 1e-6  # normalise's smallest norm
 
 
 def fastmax_attention(q, k, v, *, p: int, causal: bool, chunk_size: int, padding_mask=None,
-                      segment_tokens: int = SEGMENT_TOKENS):
+                      segment_tokens: int = SEGMENT_TOKENS, feature_rows=None):
     """q, k, v [batch, heads, n, d] -> [batch, heads, n, d] in q's dtype; padded keys get weight 0.
-    segment_tokens: positions x heads per piece of work (`blocks`); the result does not depend on it."""
+    segment_tokens: positions x heads per piece of work (`blocks`); the result does not depend on it.
+    feature_rows: `gradient_rows(d, p)` on q's device (built here if not given)."""
     batch, heads, n, _ = q.shape
     compute = torch.promote_types(q.dtype, torch.float32)
     device = q.device.type
@@ -71,7 +72,10 @@ def fastmax_attention(q, k, v, *, p: int, causal: bool, chunk_size: int, padding
             ignored = torch.zeros(batch, n, dtype=torch.bool, device=q.device)
         ignored = F.pad(ignored, (0, padded - n), value=True)
     # Non-causal: one chunk per segment (chunk 0), no within-chunk scores.
-    out = _FastmaxFunction.apply(q, k, v, ignored, p, causal, chunk if causal else 0, segment_tokens, compute, matmul)
+    if feature_rows is None:
+        feature_rows = gradient_rows(q.shape[-1], p, q.device)
+    out = _FastmaxFunction.apply(q, k, v, ignored, feature_rows, p, causal, chunk if causal else 0, segment_tokens,
+                                 compute, matmul)
     return out[:, :, :n]
 
 
@@ -140,15 +144,10 @@ def gradient_rows(d: int, p: int, device) -> torch.Tensor:
     """Indices [d (+ d^2 for p = 2)] into phi's features: rows 0 .. d-1 the linear features, then for
     p = 2 row d + a d + b the feature holding x_a x_b (a and b in either order). A state S [D, e] gathered
     by these rows (and for queries its squares' rows doubled) is the matrix E with
-    d phi(x).S y / dx = (y @ E^T)[:d] + (y @ E^T)[d:].view(d, d) @ x."""
-    return torch.tensor(_gradient_row_list(d, p), device=device)
-
-
-@torch.compiler.assume_constant_result
-def _gradient_row_list(d: int, p: int) -> tuple[int, ...]:
-    """`gradient_rows` as Python ints, a constant under torch.compile: the same index arithmetic on
-    tensors would be folded into the gather's index by inductor, whose loop merging on CUDA (torch 2.11)
-    fails on it ("ModularIndexing(-d, 1, d) is not comparable")."""
+    d phi(x).S y / dx = (y @ E^T)[:d] + (y @ E^T)[d:].view(d, d) @ x.
+    Built from Python ints. The layer keeps them as a buffer: a compiled step then reads a constant
+    input, where the same arithmetic on tensors (% d, minimum) would be folded by inductor into the
+    backward's gather index, which its loop merging on CUDA (torch 2.11) fails on."""
     rows = list(range(1, d + 1))
     if p == 2:
         start, diagonals = d + 1, (d + 1) // 2
@@ -158,7 +157,7 @@ def _gradient_row_list(d: int, p: int) -> tuple[int, ...]:
                 rows.append(start + shift * d + a if shift < d - shift  # x_a x_{a+s}, s = 0 .. diagonals - 1
                             else start + (d - shift) * d + b if shift > d - shift  # x_b x_{b+s}
                             else start + diagonals * d + min(a, b))  # s = d/2 (even d)
-    return tuple(rows)
+    return torch.tensor(rows, device=device)
 
 
 def expand(state: torch.Tensor, rows: torch.Tensor, d: int, query: bool) -> torch.Tensor:
@@ -250,7 +249,7 @@ class _FastmaxFunction(torch.autograd.Function):
     """sum_j f(q_i.k_j) [v_j, 1] -> out, piece by piece and chunk by chunk; backward by hand (module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ignored, p, causal, chunk, budget, compute, matmul):
+    def forward(ctx, q, k, v, ignored, rows_index, p, causal, chunk, budget, compute, matmul):
         batch, heads, n, d = q.shape
         d_v = v.shape[-1]
         pieces = blocks(batch, heads, n, chunk, budget)
@@ -294,18 +293,17 @@ class _FastmaxFunction(torch.autograd.Function):
             normaliser = sums[..., d_v].contiguous()  # not a view: saving it must not keep `sums`
             # A query with every key padded has numerator and normaliser 0: output 0 (finite), not 0 / 0.
             out = sums[..., :d_v] / torch.where(normaliser > 0, normaliser, 1.0).unsqueeze(-1)
-        ctx.save_for_backward(q, k, v, ignored, out, normaliser, *kept)
+        ctx.save_for_backward(q, k, v, ignored, rows_index, out, normaliser, *kept)
         ctx.options = p, causal, chunk, budget, compute, matmul
         return out.to(q.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, ignored, out, normaliser, *kept = ctx.saved_tensors
+        q, k, v, ignored, rows_index, out, normaliser, *kept = ctx.saved_tensors
         p, causal, chunk, budget, compute, matmul = ctx.options
         batch, heads, n, d = q.shape
         d_v = v.shape[-1]
-        rows_index = gradient_rows(d, p, q.device)
         grads = [torch.empty_like(x) for x in (q, k, v)]
         with torch.autocast(q.device.type, enabled=False):
             positive = normaliser > 0
@@ -377,7 +375,7 @@ class _FastmaxFunction(torch.autograd.Function):
                         grad_k = feature_gradient(seg.wm, key_matrix, seg.km, d).to(compute)
                         grad_q = feature_gradient(grad_y, query_matrix, seg.qm, d).to(compute)
                         _write_gradients(grads, seg, ignored, rows, start, stop, grad_q, grad_k, grad_w)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def _write_gradients(grads, seg, ignored, rows, start, stop, grad_q, grad_k, grad_w):

@@ -3,7 +3,7 @@
 from ..errors import ConfigurationError
 from ..layer import AttentionLayer
 from ..registry import register_attention
-from .chunk import fastmax_attention
+from .chunk import fastmax_attention, gradient_rows
 
 
 @register_attention("fastmax")
@@ -21,7 +21,8 @@ class FastmaxAttention(AttentionLayer):
         if chunk_size < 1:
             raise ConfigurationError(f"chunk_size={chunk_size} must be at least 1; set model.attention.chunk_size=.")
         self.p, self.chunk_size = p, chunk_size
+        self.register_buffer("gradient_rows", gradient_rows(self.head_dim, p, "cpu"), persistent=False)
 
     def attend(self, q, k, v, padding_mask):
         return fastmax_attention(q, k, v, p=self.p, causal=self.causal, chunk_size=self.chunk_size,
-                                 padding_mask=padding_mask)
+                                 padding_mask=padding_mask, feature_rows=self.gradient_rows)
