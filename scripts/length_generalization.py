@@ -130,6 +130,7 @@ def main() -> int:
     done = read_records(jsonl)
     todo = [(record, seq_len) for record in trained if record["status"] == "ok" for seq_len in lengths
             if evaluation_key(record, seq_len) not in done]
+
     def evaluate(item: tuple[dict, int], gpu: str | None) -> dict:
         record, seq_len = item
         return evaluation(record, spec.out, seq_len, args.eval_tokens, args.timeout, gpu)

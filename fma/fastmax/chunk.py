@@ -71,9 +71,9 @@ def fastmax_attention(q, k, v, *, p: int, causal: bool, chunk_size: int, padding
         if ignored is None:
             ignored = torch.zeros(batch, n, dtype=torch.bool, device=q.device)
         ignored = F.pad(ignored, (0, padded - n), value=True)
-    # Non-causal: one chunk per segment (chunk 0), no within-chunk scores.
     if feature_rows is None:
         feature_rows = gradient_rows(q.shape[-1], p, q.device)
+    # Non-causal: one chunk per segment (chunk 0), no within-chunk scores.
     out = _FastmaxFunction.apply(q, k, v, ignored, feature_rows, p, causal, chunk if causal else 0, segment_tokens,
                                  compute, matmul)
     return out[:, :, :n]
@@ -249,7 +249,7 @@ class _FastmaxFunction(torch.autograd.Function):
     """sum_j f(q_i.k_j) [v_j, 1] -> out, piece by piece and chunk by chunk; backward by hand (module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ignored, rows_index, p, causal, chunk, budget, compute, matmul):
+    def forward(ctx, q, k, v, ignored, feature_rows, p, causal, chunk, budget, compute, matmul):
         batch, heads, n, d = q.shape
         d_v = v.shape[-1]
         pieces = blocks(batch, heads, n, chunk, budget)
@@ -293,14 +293,14 @@ class _FastmaxFunction(torch.autograd.Function):
             normaliser = sums[..., d_v].contiguous()  # not a view: saving it must not keep `sums`
             # A query with every key padded has numerator and normaliser 0: output 0 (finite), not 0 / 0.
             out = sums[..., :d_v] / torch.where(normaliser > 0, normaliser, 1.0).unsqueeze(-1)
-        ctx.save_for_backward(q, k, v, ignored, rows_index, out, normaliser, *kept)
+        ctx.save_for_backward(q, k, v, ignored, feature_rows, out, normaliser, *kept)
         ctx.options = p, causal, chunk, budget, compute, matmul
         return out.to(q.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, ignored, rows_index, out, normaliser, *kept = ctx.saved_tensors
+        q, k, v, ignored, feature_rows, out, normaliser, *kept = ctx.saved_tensors
         p, causal, chunk, budget, compute, matmul = ctx.options
         batch, heads, n, d = q.shape
         d_v = v.shape[-1]
@@ -332,13 +332,13 @@ class _FastmaxFunction(torch.autograd.Function):
                         grad_w = (phi_k @ later).to(compute)
                         chunk_states = phi_k.transpose(-1, -2) @ seg.wm
                         del phi_k
-                        grad_k = feature_gradient(seg.wm, expand(later, rows_index, d, query=False), seg.km, d)
+                        grad_k = feature_gradient(seg.wm, expand(later, feature_rows, d, query=False), seg.km, d)
                         grad_k = grad_k.to(compute)
                         del later
                         carry = kept.pop() if index else None
                         states = exclusive_prefix(carry, chunk_states, compute)[0].to(matmul)
                         del chunk_states, carry
-                        grad_q = feature_gradient(grad_y, expand(states, rows_index, d, query=True), seg.qm, d)
+                        grad_q = feature_gradient(grad_y, expand(states, feature_rows, d, query=True), seg.qm, d)
                         grad_q = grad_q.to(compute)
                         del states
                         dots, weights = _scores(seg, p)
@@ -364,8 +364,8 @@ class _FastmaxFunction(torch.autograd.Function):
                         del phi_q
                         state_grad = part if state_grad is None else state_grad + part
                     state_grad, state = state_grad.to(matmul), state.to(matmul)
-                    key_matrix = expand(state_grad, rows_index, d, query=False)
-                    query_matrix = expand(state, rows_index, d, query=True)
+                    key_matrix = expand(state_grad, feature_rows, d, query=False)
+                    query_matrix = expand(state, feature_rows, d, query=True)
                     for start, stop in spans:
                         seg = single or _Segment(q, k, v, ignored, rows, start, stop, chunk, compute, matmul)
                         grad_y = seg.chunked(grad_sums[rows, :, start:stop]).to(matmul)
