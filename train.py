@@ -215,14 +215,21 @@ def on_gpu(trainer_cfg: DictConfig) -> bool:
     return trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
 
 
+# Attention kinds that compile=auto trains eager: their CUDA-graph step is known to fail (the reason).
+EAGER_ON_AUTO = {
+    "fastmax": "its compiled backward crashed the process (segmentation fault) in the first steps under CUDA "
+               "graphs on the H200 with torch 2.11 (benchmarks/s10/fastmax_graphs_crash_call2.log)",
+}
+
+
 def compile_mode(cfg: DictConfig, trainer_cfg: DictConfig) -> bool | str:
     """cfg.compile with `auto` decided: reduce-overhead (CUDA graphs) when training on one GPU, where
     the launch cost bounds small and mid-sized steps (benchmarks/README.md); eager elsewhere (on a CPU
     compiling costs more than it saves in a short run; compiled multi-device training is not measured; context
-    parallelism runs eager)."""
+    parallelism runs eager) and for the kinds of EAGER_ON_AUTO."""
     if cfg.compile != "auto":
         return cfg.compile
-    if cfg.get("context_parallel", False):
+    if cfg.get("context_parallel", False) or cfg.model.attention.name in EAGER_ON_AUTO:
         return False
     devices = trainer_cfg.devices
     one_device = devices == 1 or (OmegaConf.is_list(devices) and len(devices) == 1)
@@ -343,6 +350,9 @@ def fit_and_test(cfg: DictConfig, config: dict, run_log: RunLog, stop: StopOnSig
     run_log.parameters = parameter_counts(module.net)
     log.info("model: %s attention, %.2fM parameters, compile=%s", cfg.model.attention.name,
              run_log.parameters["total"] / 1e6, str(compile_mode(cfg, trainer_cfg)).lower())
+    if cfg.compile == "auto" and cfg.model.attention.name in EAGER_ON_AUTO:
+        log.info("compile=auto trains %s eager: %s. compile=true or reduce-overhead still asks for it.",
+                 cfg.model.attention.name, EAGER_ON_AUTO[cfg.model.attention.name])
     if cfg.ckpt_path:
         check_resume(cfg, module)
 

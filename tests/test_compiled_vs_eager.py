@@ -17,6 +17,7 @@ import torch
 
 from attention_testing import relative_error
 from fma import ATTENTION_KINDS, build_attention
+from train import EAGER_ON_AUTO
 
 ROOT = Path(__file__).resolve().parents[1]
 # Options giving each kind several blocks, chunks, buckets or levels at length 100.
@@ -93,12 +94,13 @@ def test_gpu_every_kind_compiles_and_matches_eager(kind, causal):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind, objective", [(kind, "clm" if kind in CAUSAL else "mlm") for kind in SMALL]
-                         + [("full", "mlm"), ("fma", "mlm")])
+@pytest.mark.parametrize("kind, objective", [(kind, "clm" if kind in CAUSAL else "mlm") for kind in SMALL
+                                             if kind not in EAGER_ON_AUTO] + [("full", "mlm"), ("fma", "mlm")])
 def test_gpu_train_py_with_cuda_graphs_trains_like_eager(tmp_path, kind, objective):
-    """compile=auto on one GPU (CUDA graphs) through train.py, every kind, where graphs are made (graph
-    trees refuse, e.g., tensors cached inside an operator that outlive a replay): the losses of eager,
-    to bf16 rounding. Reformer hashes with its fixed rotations, as both runs must draw the same."""
+    """compile=auto on one GPU (CUDA graphs) through train.py, every kind auto compiles (EAGER_ON_AUTO's
+    crash the process, which no test can catch), where graphs are made (graph trees refuse, e.g.,
+    tensors cached inside an operator that outlive a replay): the losses of eager, to bf16 rounding.
+    Reformer hashes with its fixed rotations, as both runs must draw the same."""
     from conftest import compose_config, logged, read_metrics
     from train import train
 

@@ -209,7 +209,17 @@ def test_compile_auto_is_cuda_graphs_on_one_gpu_only(monkeypatch, compile, train
     from train import compile_mode
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    assert compile_mode(OmegaConf.create({"compile": compile}), OmegaConf.create(trainer)) == expected
+    cfg = OmegaConf.create({"compile": compile, "model": {"attention": {"name": "fma"}}})
+    assert compile_mode(cfg, OmegaConf.create(trainer)) == expected
+
+
+@pytest.mark.parametrize("compile, expected", [("auto", False), ("reduce-overhead", "reduce-overhead"), (True, True)])
+def test_compile_auto_trains_the_kinds_known_to_fail_under_cuda_graphs_eager(monkeypatch, compile, expected):
+    from train import compile_mode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = OmegaConf.create({"compile": compile, "model": {"attention": {"name": "fastmax"}}})
+    assert compile_mode(cfg, OmegaConf.create({"accelerator": "gpu", "devices": 1})) == expected
 
 
 def test_unknown_compile_mode_is_refused(tmp_path):
