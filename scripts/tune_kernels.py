@@ -8,7 +8,7 @@ views of one qkv projection), each kernel is timed alone (triton.testing.do_benc
 current launch parameters and with every candidate below, the other kernels left as they are:
   attention (fma/multipole/fused.py `launch_config`): forward, backward_query, backward_key;
     BLOCK_N (fine key tile) x num_warps x num_stages;
-  downsampling (fma/downsample/fused.py, one side: keys or values): forward, grad_input, grad_weight;
+  downsampling (fma/downsample/fused.py, keys and values in one launch): forward, grad_input, grad_weight;
     E (pairs per tile) x BD (channels) x TOK (tokens per tile) x num_warps.
 A candidate's outputs must equal the current parameters' to bf16 rounding (else it is reported as
 wrong, never as fastest). A candidate that does not compile or run is reported with its error; one
@@ -92,21 +92,23 @@ def attention_kernels(n, batch, heads, d, m, p, causal, device="cuda", dtype=tor
 
 
 def downsample_kernels(n, batch, heads, d, m, p, device="cuda", dtype=torch.bfloat16):
-    """Per downsampling kernel at one shape (groupedconv, one side): as `attention_kernels`."""
+    """Per downsampling kernel at one shape (groupedconv, keys and values in one launch, as the FMA layer
+    runs them): as `attention_kernels`."""
     from fma.downsample import Downsample
     from fma.downsample import fused
 
     module = Downsample("groupedconv", head_dim=d, block_size=m, rank=p, max_seq_len=n).to(device)
     qkv = torch.randn(batch, n, 3, heads, d, device=device, dtype=dtype)
-    x = qkv[:, :, 1].permute(0, 2, 1, 3)
+    k, v = (qkv[:, :, side].permute(0, 2, 1, 3) for side in (1, 2))
     layout = fused.Layout.of(n, m, p)
-    _, per_summary = fused.summary_tables(n, m, p, x.device)
+    _, per_summary = fused.summary_tables(n, m, p, k.device)
     weight, bias = module.weight.detach(), module.bias.detach()
-    w_cat = weight[:p * m * (2 ** layout.num_levels - 1)].reshape(-1)
-    grad = torch.randn(batch * heads, layout.total, d, device=device, dtype=dtype)
-    calls = {"forward": lambda: fused.fused_summaries(x, "groupedconv", m, p, weight, bias),
-             "grad_input": lambda: fused.summaries_grad_input(grad, w_cat, None, per_summary, list(x.shape), m, p, False),
-             "grad_weight": lambda: fused.summaries_grad_weight(x, grad, m, p)}
+    w_cat = weight[:p * sum(layout.widths)].reshape(-1)
+    grad = torch.randn(2, batch * heads, layout.total, d, device=device, dtype=dtype)
+    calls = {"forward": lambda: fused.fused_summaries([k, v], "groupedconv", m, p, [weight] * 2, [bias] * 2),
+             "grad_input": lambda: fused.summaries_grad_input(grad, w_cat, w_cat, None, per_summary, list(k.shape), m, p,
+                                                              False),
+             "grad_weight": lambda: fused.summaries_grad_weight(k, v, grad, m, p)}
     prefix = {"forward": "FWD", "grad_input": "DX", "grad_weight": "DW"}
     for kernel, call in calls.items():
         names = [f"{prefix[kernel]}_{key}" for key in ("E", "BD", "TOK", "WARPS")]

@@ -67,8 +67,11 @@ def interpreted_kernels_compile() -> dict[str, float]:
     opcheck(multipole_forward, (leaf(1, 2, n, d), leaf(1, 2, n, d), leaf(1, 2, n, d), leaf(1, 2, 8, d),
                                 leaf(1, 2, 8, d), None, torch.zeros(1, 8), _coarse_index(n, m, p, True, torch.device("cpu")),
                                 m, True))
-    opcheck(summaries_forward, (leaf(1, 2, n, d), leaf(p * d * m), leaf(p * d), None,
-                                *summary_tables(n, m, p, torch.device("cpu")), m, p, False))
+    tables = summary_tables(n, m, p, torch.device("cpu"))
+    opcheck(summaries_forward, (leaf(1, 2, n, d), None, leaf(p * d * m), None, leaf(p * d), None, None,
+                                *tables, m, p, False))
+    opcheck(summaries_forward, (leaf(1, 2, n, d), leaf(1, 2, n, d), leaf(p * d * m), leaf(p * d * m), leaf(p * d),
+                                leaf(p * d), None, *tables, m, p, False))  # keys and values in one launch
     eager, compiled = compiled_and_eager("fma", True, backend="triton")
     return {f"tensor {i}": relative_error(a, e) for i, (a, e) in enumerate(zip(compiled, eager))}
 

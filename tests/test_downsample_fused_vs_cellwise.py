@@ -1,5 +1,6 @@
 """The fused Triton downsampling (fma/downsample/fused.py; multilevel through fma/downsample/multilevel.py)
-against its torch path (fma/downsample/cellwise.py).
+against its torch path (fma/downsample/cellwise.py): one side, and keys and values together in one
+launch (`summarise_sides`, as the FMA layer runs them), each side with its own parameters.
 
 CPU: the kernels run under the Triton interpreter in a subprocess (TRITON_INTERPRET=1 must be set
 before the kernels are defined, and must not leak into the rest of the suite), outputs NaN-poisoned; and,
@@ -20,7 +21,7 @@ import torch
 
 from attention_testing import relative_error
 from fma import ConfigurationError, FastMultipoleAttention
-from fma.downsample import Downsample
+from fma.downsample import Downsample, summarise_sides
 from fma.downsample.cellwise import summarise
 from fma.downsample.multilevel import effective_filters, padded_biases
 from fma.indexing import level_widths
@@ -55,6 +56,11 @@ CPU_CASES = [
     ("multilevel", 128, 8, 2, True, None, False, {"maps": "per_level"}),  # frozen basis: only the input gradient
     ("multilevel", 128, 8, 2, True, None, True, {"heads": 3, "tiles": SMALL_TILES}),
     ("multilevel", 384, 48, 2, True, None, True, {"maps": "per_level"}),  # m not a power of two
+    # keys and values in one launch
+    ("groupedconv", 128, 8, 2, True, 32, True, {"sides": 2}),
+    ("groupedconv", 128, 16, 2, False, None, True, {"sides": 2, "heads": 3, "tiles": SMALL_TILES}),
+    ("avgpool", 128, 8, 2, True, None, True, {"sides": 2}),
+    ("multilevel", 128, 8, 2, True, None, True, {"sides": 2, "maps": "per_level"}),
 ]
 BATCH, HEADS, HEAD_DIM = 2, 2, 16
 CPU_TOLERANCE = 1e-5
@@ -65,13 +71,14 @@ def case_id(case) -> str:
     return (f"{kind}-n{n}-m{m}-p{p}-{'pad' if padded else 'nopad'}-chunk{chunk}{'' if trainable else '-frozen'}"
             f"{'-h' + str(options['heads']) if 'heads' in options else ''}{'-small-tiles' if 'tiles' in options else ''}"
             f"{'-' + options['maps'] if 'maps' in options else ''}"
-            f"{'-max' + str(options['max_seq_len']) if 'max_seq_len' in options else ''}")
+            f"{'-max' + str(options['max_seq_len']) if 'max_seq_len' in options else ''}"
+            f"{'-sides' + str(options['sides']) if 'sides' in options else ''}")
 
 
-def qkv_view(generator, batch, heads, n, d, dtype=torch.float32, device="cpu"):
-    """A non-contiguous [batch, heads, n, d] view, as the FMA layer gets keys from the projection."""
+def qkv_views(generator, sides, batch, heads, n, d, dtype=torch.float32, device="cpu"):
+    """Non-contiguous [batch, heads, n, d] views, as the FMA layer gets keys (and values) from the projection."""
     qkv = torch.randn(batch, n, 3, heads, d, generator=generator, dtype=torch.float32).to(device, dtype)
-    return qkv[:, :, 1].permute(0, 2, 1, 3)
+    return [qkv[:, :, side].permute(0, 2, 1, 3) for side in (1, 2)[:sides]]
 
 
 def padding_mask(generator, batch, n, device="cpu"):
@@ -82,18 +89,22 @@ def padding_mask(generator, batch, n, device="cpu"):
     return mask.to(device)
 
 
-def outputs_and_gradients(module, x, mask, grads, backend):
-    """Summaries per level, then gradients of x and of every parameter (None where not trainable)."""
-    x = x.detach().requires_grad_()
-    summaries, counts = module(x, mask, backend=backend)
-    torch.autograd.backward(summaries, [g.to(s.dtype) for g, s in zip(grads, summaries)])
-    named = dict(module.named_parameters())
-    results = {f"level{level}": s.detach() for level, s in enumerate(summaries, 1)}
-    results["dx"] = x.grad
-    results.update({f"d {name}": p.grad for name, p in named.items() if p.grad is not None})
-    for p in named.values():
-        p.grad = None
-    return results, summaries, counts
+def outputs_and_gradients(modules, xs, mask, grads, backend):
+    """Per side (k, then v): summaries per level, then gradients of x and of every parameter (None
+    where not trainable); grads: per side, per level."""
+    xs = [x.detach().requires_grad_() for x in xs]
+    sides, counts = summarise_sides(modules, xs, mask, backend=backend)
+    torch.autograd.backward([s for side in sides for s in side],
+                            [g.to(s.dtype) for side, side_grads in zip(sides, grads) for g, s in zip(side_grads, side)])
+    results = {}
+    for name, module, x, summaries in zip("kv", modules, xs, sides):
+        named = dict(module.named_parameters())
+        results.update({f"{name} level{level}": s.detach() for level, s in enumerate(summaries, 1)})
+        results[f"{name} dx"] = x.grad
+        results.update({f"{name} d {parameter}": p.grad for parameter, p in named.items() if p.grad is not None})
+        for p in named.values():
+            p.grad = None
+    return results, sides, counts
 
 
 def randomise(module, generator):
@@ -108,22 +119,24 @@ def check_cpu_case(case) -> dict[str, float]:
 
     kind, n, m, p, padded, chunk, trainable, options = case
     generator = torch.Generator().manual_seed(zlib.crc32(case_id(case).encode()))
-    module = Downsample(kind, head_dim=HEAD_DIM, block_size=m, rank=p, max_seq_len=options.get("max_seq_len", n),
-                        multilevel_maps=options.get("maps", "shared"))
-    randomise(module, generator)
-    module.requires_grad_(trainable)
-    x = qkv_view(generator, BATCH, options.get("heads", HEADS), n, HEAD_DIM)
+    sides = options.get("sides", 1)
+    modules = [Downsample(kind, head_dim=HEAD_DIM, block_size=m, rank=p, max_seq_len=options.get("max_seq_len", n),
+                          multilevel_maps=options.get("maps", "shared")) for _ in range(sides)]
+    for module in modules:
+        randomise(module, generator)
+        module.requires_grad_(trainable)
+    xs = qkv_views(generator, sides, BATCH, options.get("heads", HEADS), n, HEAD_DIM)
     mask = padding_mask(generator, BATCH, n) if padded else None
     fused.FORWARD_CHUNK = chunk
     defaults = {name: getattr(fused, name) for name in options.get("tiles", {})}
     for name, value in options.get("tiles", {}).items():
         setattr(fused, name, value)
-    probe, _ = module(x, mask, backend="torch")
-    grads = [torch.randn(s.shape, generator=generator) for s in probe]
-    expected, _, counts_ref = outputs_and_gradients(module, x, mask, grads, backend="torch")
-    actual, summaries, counts = outputs_and_gradients(module, x, mask, grads, backend="triton")
+    grads = [[torch.randn(s.shape, generator=generator) for s in module(x, mask, backend="torch")[0]]
+             for module, x in zip(modules, xs)]
+    expected, _, counts_ref = outputs_and_gradients(modules, xs, mask, grads, backend="torch")
+    actual, sides_out, counts = outputs_and_gradients(modules, xs, mask, grads, backend="triton")
     assert set(actual) == set(expected), (set(actual), set(expected))
-    assert all(s._base is summaries[0]._base for s in summaries), "levels are not views of one buffer"
+    assert all(s._base is sides_out[0][0]._base for side in sides_out for s in side), "levels are not views of one buffer"
     assert (counts is None) == (counts_ref is None)
     if kind == "multilevel" and padded:  # some parent drops an empty child: the bias correction matters
         assert any((c == 0).any() for c in counts[:-1]), "no empty child cell"
@@ -150,9 +163,10 @@ def interpreter_results():
 def test_fused_matches_torch_path_under_interpreter(interpreter_results, case):
     errors = interpreter_results[case_id(case)]
     assert "error" not in errors, errors.get("error")
-    trainable = case[6]
-    assert "dx" in errors and any(name.startswith("level") for name in errors)
-    assert trainable == any(name.startswith("d weight") for name in errors) or case[0] == "avgpool"
+    trainable, sides = case[6], case[7].get("sides", 1)
+    for side in "kv"[:sides]:
+        assert f"{side} dx" in errors and f"{side} level1" in errors
+        assert trainable == (f"{side} d weight" in errors) or case[0] == "avgpool"
     bad = {name: err for name, err in errors.items() if not err <= CPU_TOLERANCE}
     assert not bad, bad
 
@@ -240,23 +254,27 @@ def test_gpu_fused_matches_float64(monkeypatch, kind, dtype, tolerance, n, padde
     options = dict(head_dim=GPU_DIM, block_size=GPU_BLOCK, rank=GPU_RANK, max_seq_len=n,
                    multilevel_maps=maps[0] if maps else "shared")
     generator = torch.Generator().manual_seed(n + (dtype == torch.float32))
-    module = Downsample(kind, **options)
-    randomise(module, generator)
-    module = module.cuda()
-    x = qkv_view(generator, GPU_BATCH, GPU_HEADS, n, GPU_DIM, dtype, "cuda")
+    modules = [Downsample(kind, **options) for _ in "kv"]  # keys and values, in one launch as the layer runs them
+    for module in modules:
+        randomise(module, generator)
+    modules = [module.cuda() for module in modules]
+    xs = qkv_views(generator, 2, GPU_BATCH, GPU_HEADS, n, GPU_DIM, dtype, "cuda")
     mask = padding_mask(generator, GPU_BATCH, n, "cuda") if padded else None
-    probe, _ = module(x.double(), mask, backend="torch")
-    grads = [torch.randn(s.shape, generator=generator).to("cuda", dtype) for s in probe]
-    del probe
+    grads = [[torch.randn(s.shape, generator=generator).to("cuda", dtype) for s in module(x.double(), mask,
+                                                                                         backend="torch")[0]]
+             for module, x in zip(modules, xs)]
 
-    actual, summaries, _ = outputs_and_gradients(module, x, mask, grads, backend="auto")  # CUDA: fused
-    assert summaries[0].dtype == dtype and summaries[0]._base is not None
+    actual, sides, _ = outputs_and_gradients(modules, xs, mask, grads, backend="auto")  # CUDA: fused
+    assert sides[0][0].dtype == dtype and sides[0][0]._base is not None
     for name, value in actual.items():
         assert not value.isnan().any(), f"{name}: unwritten (NaN) elements"
-    reference = Downsample(kind, **options)
-    reference.load_state_dict(module.state_dict())
-    reference = reference.cuda().double()
-    expected, _, _ = outputs_and_gradients(reference, x.double(), mask, [g.double() for g in grads], backend="torch")
+    references = []
+    for module in modules:
+        reference = Downsample(kind, **options)
+        reference.load_state_dict(module.state_dict())
+        references.append(reference.cuda().double())
+    expected, _, _ = outputs_and_gradients(references, [x.double() for x in xs], mask,
+                                           [[g.double() for g in side] for side in grads], backend="torch")
     assert set(actual) == set(expected)
     bad = {name: relative_error(actual[name], expected[name]) for name in expected}
     bad = {name: err for name, err in bad.items() if not err <= tolerance}

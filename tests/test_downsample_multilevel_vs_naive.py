@@ -321,9 +321,9 @@ def test_fused_multilevel_builds_float32_filters_under_autocast(monkeypatch, bf1
     summaries = sum(n // w * p for w in level_widths(n, m))
     seen = {}
 
-    def kernel_stub(x, kind, block_size, rank, weight, bias, counts=None):
-        seen.update(kind=kind, weight=weight, bias=bias)
-        return torch.zeros(*x.shape[:2], summaries, d, dtype=x.dtype)
+    def kernel_stub(xs, kind, block_size, rank, weights, biases, counts=None):
+        seen.update(kind=kind, weight=weights[0], bias=biases[0])
+        return torch.zeros(len(xs), *xs[0].shape[:2], summaries, d, dtype=xs[0].dtype)
 
     monkeypatch.setattr(fused, "fused_summaries", kernel_stub)
     down = Downsample("multilevel", head_dim=d, block_size=m, rank=p, max_seq_len=n)
@@ -336,7 +336,7 @@ def test_fused_multilevel_builds_float32_filters_under_autocast(monkeypatch, bf1
     expected = multilevel.effective_filters([(w.double(), b.double()) for w, b in down.parameters_of_levels(levels)])
     x = torch.randn(1, 2, n, d, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        multilevel.fused_upward(x, m, p, down.parameters_of_levels(levels), None)
+        multilevel.fused_upward([x], m, p, [down.parameters_of_levels(levels)], None)
     assert seen["kind"] == "groupedconv"
     assert seen["weight"].dtype == seen["bias"].dtype == torch.float32
     assert relative_error(seen["weight"], expected[0]) <= 1e-6

@@ -10,8 +10,11 @@ of it (`torch.split`, one cat in backward), so a consumer can take the buffer wh
 concatenating. Summaries come out in x's dtype (the torch path promotes bf16 x with fp32 weights
 to fp32).
 
-API: `fused_summaries(x, kind, block_size, rank, weight, bias, counts) -> buffer` (autograd: dx,
-dW, db); `split_levels(buffer, block_size, rank)`. Timing: scripts/bench_downsample.py.
+API: `fused_summaries(x, kind, block_size, rank, weights, biases, counts) -> buffer` (autograd: dx,
+dW, db); `split_levels(buffer side, block_size, rank)`. It takes one or two sides (a layer's keys
+and values, each with its own filters), which every kernel runs in one launch: the side is the
+grid's second axis, and the buffer [S, B, H, T, d] holds the sides in order. Timing:
+scripts/bench_downsample.py.
 
 Floor (bytes moved at the H200's copy rate) at n = 65,536, B = 2, H = 8, d = 64, m = 64, p = 2, bf16 (L = 9 levels, T = 4,088
 summaries per head), H200 copy rate ~4.3 TB/s:
@@ -142,7 +145,7 @@ def _pairs(first, E: tl.constexpr, NTOP, BH, W_TOP, o0):
 
 @triton.jit
 def _summaries_forward_kernel(
-    x_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, scratch_ptr,
+    x_ptr, x2_ptr, w_ptr, w2_ptr, b_ptr, b2_ptr, scale_ptr, out_ptr, scratch_ptr,
     H, BH, sx_b, sx_h, sx_n, sx_d,
     d, m, num_levels, W_TOP, NTOP, N2, T, CHUNK: tl.constexpr, COARSE_OFF, TC, W_LO, NC, NE,
     P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
@@ -153,7 +156,16 @@ def _summaries_forward_kernel(
     channels c. Per tile of TOK tokens (inside one level-1 cell), for every channel c at once:
         acc[c, e, row] += x[c, e, t] @ W[c, t, row],   row = (level, r), t = pos_level(token)
     (W in two halves hi + lo when SPLIT_W). A level whose cells fit in the chunk is stored (bias,
-    scale, cast) whenever its cell ends; wider levels are added at the end to the fp32 scratch."""
+    scale, cast) whenever its cell ends; wider levels are added at the end to the fp32 scratch.
+    Grid axis 1: the side (0: x, W, b; 1: x2, W2, b2, the same shapes and strides), each with its
+    own part of the output and the scratch."""
+    side = tl.program_id(1)
+    if side == 1:
+        x_ptr = x2_ptr
+        w_ptr = w2_ptr
+        b_ptr = b2_ptr
+    out_ptr += side.to(tl.int64) * BH * T * d
+    scratch_ptr += side.to(tl.int64) * BH * TC * d
     pid_e, o0, cols, col_ok, tt, t_ok = _program_tile(NC, NE, CHUNK, d, TOK, BD, BT)
     rows = tl.arange(0, LP)
     row_ok, level, r, width, w_offset, s_offset = _row_meta(rows, P, m, num_levels, d, N2)
@@ -215,7 +227,7 @@ def _summaries_forward_kernel(
 
 @triton.jit
 def _summaries_grad_input_kernel(
-    g_ptr, w_ptr, dx_ptr,
+    g_ptr, w_ptr, w2_ptr, dx_ptr,
     BH, n, d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS: tl.constexpr, W_LO, G_LO, NC, NE,
     P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
     BT: tl.constexpr, AVG: tl.constexpr, SPLIT_W: tl.constexpr, SPLIT_G: tl.constexpr,
@@ -223,7 +235,13 @@ def _summaries_grad_input_kernel(
 ):
     """dx[c, e, t] = dS[c, e, row] @ W[c, row, t] for a tile of TOK tokens at in-cell offset o0 and BD
     channels; the W tile is loaded once and serves E_GROUPS groups of E (bh, top cell) pairs.
-    A split operand (W or dS) is stored as hi at ptr and lo at ptr + *_LO."""
+    A split operand (W or dS) is stored as hi at ptr and lo at ptr + *_LO. Grid axis 1: the side
+    (1: W2; dS and dx of all sides in one buffer each, side-major)."""
+    side = tl.program_id(1)
+    if side == 1:
+        w_ptr = w2_ptr
+    g_ptr += side.to(tl.int64) * BH * T * d
+    dx_ptr += side.to(tl.int64) * BH * n * d
     pid_e, o0, cols, col_ok, tt, t_ok = _program_tile(NC, NE, TOK, d, TOK, BD, BT)
     row_ok, level, r, width, w_offset, s_offset = _row_meta(tl.arange(0, LP), P, m, num_levels, d, N2)
     pos = o0 % width  # [LP]
@@ -255,14 +273,20 @@ def _summaries_grad_input_kernel(
 
 @triton.jit
 def _summaries_grad_weight_kernel(
-    x_ptr, g_ptr, dw_ptr,
+    x_ptr, x2_ptr, g_ptr, dw_ptr,
     H, BH, sx_b, sx_h, sx_n, sx_d,
-    d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS: tl.constexpr, NC, NE,
+    d, m, num_levels, W_TOP, NTOP, N2, T, E_GROUPS: tl.constexpr, W_SIDE, NC, NE,
     P: tl.constexpr, LP: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, TOK: tl.constexpr,
     BT: tl.constexpr, PRECISION: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """dW[c, row, t] += dS[c, row, e] @ x[c, e, t] over E_GROUPS groups of E (bh, top cell) pairs, for
-    a tile of TOK tokens at in-cell offset o0 and BD channels; fp32 atomics into dW at the end."""
+    a tile of TOK tokens at in-cell offset o0 and BD channels; fp32 atomics into dW at the end. Grid
+    axis 1: the side (1: x2; dS and dW of all sides in one buffer each, side-major, W_SIDE apart)."""
+    side = tl.program_id(1)
+    if side == 1:
+        x_ptr = x2_ptr
+    g_ptr += side.to(tl.int64) * BH * T * d
+    dw_ptr += side.to(tl.int64) * W_SIDE
     pid_e, o0, cols, col_ok, tt, t_ok = _program_tile(NC, NE, TOK, d, TOK, BD, BT)
     row_ok, level, r, width, w_offset, s_offset = _row_meta(tl.arange(0, LP), P, m, num_levels, d, N2)
 
@@ -284,24 +308,26 @@ def _summaries_grad_weight_kernel(
 
 @triton.jit
 def _summaries_finish_kernel(
-    scratch_ptr, b_ptr, scale_ptr, rows_ptr, out_ptr,
-    H, d, T, TC, COARSE_OFF, total,
+    scratch_ptr, b_ptr, b2_ptr, scale_ptr, rows_ptr, out_ptr,
+    H, BH, d, T, TC, COARSE_OFF, total,
     BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MODE: tl.constexpr,
 ):
-    """out[bh, COARSE_OFF + s, c] = (scratch[bh, s, c] + b[row(s), c]) * scale, cast: the summaries of
-    the levels wider than a forward chunk. SCALE_MODE 0: none, 1: scale[b, s] (avgpool, padded),
-    2: scale[s] (avgpool, w / p tokens per summary)."""
+    """out[side, bh, COARSE_OFF + s, c] = (scratch[side, bh, s, c] + b[row(s), c]) * scale, cast (b2
+    for side 1): the summaries of the levels wider than a forward chunk. SCALE_MODE 0: none, 1:
+    scale[b, s] (avgpool, padded), 2: scale[s] (avgpool, w / p tokens per summary)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < total
     c = idx % d
     s = (idx // d) % TC + COARSE_OFF
-    bh = idx // (d * TC)
+    bh = idx // (d * TC)  # side * BH + (b, h)
     value = tl.load(scratch_ptr + idx, mask=ok, other=0.0)
     if HAS_BIAS:
         row = tl.load(rows_ptr + s, mask=ok, other=0)
-        value += tl.load(b_ptr + row * d + c, mask=ok, other=0.0).to(tl.float32)
+        first = bh < BH
+        value += tl.load(b_ptr + row * d + c, mask=ok & first, other=0.0).to(tl.float32)
+        value += tl.load(b2_ptr + row * d + c, mask=ok & ~first, other=0.0).to(tl.float32)
     if SCALE_MODE == 1:
-        value *= tl.load(scale_ptr + (bh // H) * T + s, mask=ok, other=0.0)
+        value *= tl.load(scale_ptr + ((bh % BH) // H) * T + s, mask=ok, other=0.0)
     if SCALE_MODE == 2:
         value *= tl.load(scale_ptr + s, mask=ok, other=0.0)
     tl.store(out_ptr + (bh * T + s) * d + c, value.to(out_ptr.dtype.element_ty), mask=ok)
@@ -429,75 +455,86 @@ def _operand(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int, bo
     return split.reshape(-1), t.numel(), True
 
 
-def _forward(x, w_op, b_cat, scale, rows, per_summary, layout: Layout, avg: bool):
-    """Summaries of every level into one buffer [B, H, T, d] (x's dtype). w_op: `_operand` of W_cat;
-    rows, per_summary: `summary_tables`."""
+def _sides(tensors):
+    """The kernels' two side arguments: (first, second), the first repeated for one side."""
+    return tensors[0], tensors[-1]
+
+
+def _forward(xs, w_ops, b_cats, scale, rows, per_summary, layout: Layout, avg: bool):
+    """Summaries of every level of each side x in xs (1 or 2 tensors [B, H, n, d], one shape and
+    stride) into one buffer [S, B, H, T, d] (x's dtype). w_ops: per side `_operand` of W_cat, or None;
+    b_cats: per side b_cat [L p d], or None; rows, per_summary: `summary_tables`."""
+    x, S = xs[0], len(xs)
     B, H, n, d = x.shape
     BH, p, m = B * H, layout.p, layout.m
     T, top, num_levels = layout.total, layout.top, layout.num_levels
     ntop = n // top
-    size, w_parts = (2 if _half(x.dtype) else 4), (2 if w_op is not None and w_op[2] else 1)
+    size, w_parts = (2 if _half(x.dtype) else 4), (2 if w_ops is not None and w_ops[0][2] else 1)
     LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, FWD_E, FWD_BD, FWD_TOK, stages=FWD_STAGES,  # x, W tiles
                                 tile_bytes=lambda LP, E, BD, BT: size * BD * BT * (E + w_parts * LP))
     e_groups, c_groups = triton.cdiv(BH * ntop, E), triton.cdiv(d, BD)
     chunk = FORWARD_CHUNK
     if chunk is None:  # the widest chunk (fewest atomics) that still gives enough programs
         chunk = top
-        while chunk > m and (top // chunk) * e_groups * c_groups < _target_programs(x):
+        while chunk > m and S * (top // chunk) * e_groups * c_groups < _target_programs(x):
             chunk //= 2
     assert chunk % m == 0 and top % chunk == 0, f"chunk {chunk} must be a multiple of {m} dividing {top}"
     coarse_level = next((i for i, w in enumerate(layout.widths) if w > chunk), num_levels)
     coarse_off = layout.offsets[coarse_level]
-    out = kernel_output((B, H, T, d), x.dtype, x.device)
-    scratch = torch.zeros((BH, T - coarse_off, d), dtype=torch.float32, device=x.device)
-    w, w_lo, split_w = w_op if w_op is not None else (scratch, 0, False)
-    _summaries_forward_kernel[(top // chunk * c_groups * e_groups,)](
-        x, w, b_cat if b_cat is not None else scratch, scale if scale is not None else scratch, out, scratch,
-        H, BH, *x.stride(), d, m, num_levels, top, ntop, 2 * n // m, T, chunk, coarse_off, T - coarse_off, w_lo, c_groups, e_groups,
-        P=p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg, SPLIT_W=split_w, HAS_BIAS=b_cat is not None,
+    out = kernel_output((S, B, H, T, d), x.dtype, x.device)
+    scratch = torch.zeros((S, BH, T - coarse_off, d), dtype=torch.float32, device=x.device)
+    ws, w_lo, split_w = ([w for w, _, _ in w_ops], w_ops[0][1], w_ops[0][2]) if w_ops is not None else ([scratch], 0, False)
+    bs = b_cats if b_cats is not None else [scratch]
+    _summaries_forward_kernel[(top // chunk * c_groups * e_groups, S)](
+        *_sides(xs), *_sides(ws), *_sides(bs), scale if scale is not None else scratch, out, scratch,
+        H, BH, *x.stride(), d, m, num_levels, top, ntop, 2 * n // m, T, chunk, coarse_off, T - coarse_off, w_lo,
+        c_groups, e_groups,
+        P=p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg, SPLIT_W=split_w, HAS_BIAS=b_cats is not None,
         HAS_SCALE=scale is not None, PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED,
         num_warps=FWD_WARPS, num_stages=FWD_STAGES,
     )
     if coarse_level < num_levels:  # finish the wide levels: bias, scale, cast
         total, block = scratch.numel(), 1024
         _summaries_finish_kernel[(triton.cdiv(total, block),)](
-            scratch, b_cat if b_cat is not None else scratch,
-            scale if scale is not None else per_summary, rows, out,
-            H, d, T, T - coarse_off, coarse_off, total,
-            BLOCK=block, HAS_BIAS=b_cat is not None, SCALE_MODE=1 if scale is not None else 2 if avg else 0,
+            scratch, *_sides(bs), scale if scale is not None else per_summary, rows, out,
+            H, BH, d, T, T - coarse_off, coarse_off, total,
+            BLOCK=block, HAS_BIAS=b_cats is not None, SCALE_MODE=1 if scale is not None else 2 if avg else 0,
         )
     return out
 
 
-def _grad_input(g_op, w_op, layout: Layout, avg: bool, shape, dtype):
-    """dx [B, H, n, d] (dtype) from dS (`_operand` of g [B*H, T, d]; avgpool: g times the summary
-    scales) and W (`_operand` of W_cat, None for avgpool)."""
-    B, H, n, d = shape
+def _grad_input(g_op, w_ops, layout: Layout, avg: bool, shape, dtype):
+    """dx [S, B, H, n, d] (dtype) from dS (`_operand` of g [S, B*H, T, d]; avgpool: g times the summary
+    scales) and per side W (`_operand` of W_cat; None for avgpool)."""
+    S, B, H, n, d = shape
     BH = B * H
     ntop = n // layout.top
     size = 2 if _half(dtype) else 4
-    g_parts, w_parts = (2 if g_op[2] else 1), (2 if w_op is not None and w_op[2] else 1)
+    g_parts, w_parts = (2 if g_op[2] else 1), (2 if w_ops is not None and w_ops[0][2] else 1)
     LP, E, BD, TOK, BT = _tiles(layout, d, BH * ntop, DX_E, DX_BD, DX_TOK, stages=DX_STAGES,  # dS, W tiles
                                 tile_bytes=lambda LP, E, BD, BT: size * BD * LP * (g_parts * E + w_parts * BT))
     tiles = (layout.top // TOK) * triton.cdiv(d, BD)
     groups = triton.cdiv(BH * ntop, E)
-    splits = min(groups, triton.cdiv(_target_programs(g_op[0]), tiles))  # W tile loads: one per split
+    splits = min(groups, triton.cdiv(_target_programs(g_op[0]), S * tiles))  # W tile loads: one per split
     per_split = triton.cdiv(groups, splits)
     splits = triton.cdiv(groups, per_split)
     dx = kernel_output(shape, dtype, g_op[0].device)
     g, g_lo, split_g = g_op
-    w, w_lo, split_w = w_op if w_op is not None else (g, 0, False)
-    _summaries_grad_input_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
-        g, w, dx,
+    ws, w_lo, split_w = ([w for w, _, _ in w_ops], w_ops[0][1], w_ops[0][2]) if w_ops is not None else ([g], 0, False)
+    _summaries_grad_input_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits, S)](
+        g, *_sides(ws), dx,
         BH, n, d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m, layout.total, per_split,
-        w_lo, g_lo, triton.cdiv(d, BD), splits, P=layout.p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg, SPLIT_W=split_w, SPLIT_G=split_g,
-        PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED, num_warps=DX_WARPS, num_stages=DX_STAGES,
+        w_lo, g_lo, triton.cdiv(d, BD), splits, P=layout.p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT, AVG=avg,
+        SPLIT_W=split_w, SPLIT_G=split_g, PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED,
+        num_warps=DX_WARPS, num_stages=DX_STAGES,
     )
     return dx
 
 
-def _grad_weight(x, g, layout: Layout):
-    """dW_cat (fp32) from x [B, H, n, d] and dS g [B*H, T, d] (x's dtype)."""
+def _grad_weight(xs, g, layout: Layout):
+    """dW_cat [S, R] (fp32) from the sides xs (1 or 2 tensors [B, H, n, d], one shape and stride) and
+    dS g [S, B*H, T, d] (x's dtype)."""
+    x, S = xs[0], len(xs)
     B, H, n, d = x.shape
     BH = B * H
     ntop = n // layout.top
@@ -506,14 +543,15 @@ def _grad_weight(x, g, layout: Layout):
                                 tile_bytes=lambda LP, E, BD, BT: size * BD * E * (LP + BT))
     tiles = (layout.top // TOK) * triton.cdiv(d, BD)
     groups = triton.cdiv(BH * ntop, E)
-    splits = min(groups, triton.cdiv(_target_programs(x), tiles))  # each split: one set of atomics
+    splits = min(groups, triton.cdiv(_target_programs(x), S * tiles))  # each split: one set of atomics
     per_split = triton.cdiv(groups, splits)
     splits = triton.cdiv(groups, per_split)
-    dw = torch.zeros(layout.p * d * sum(layout.widths), dtype=torch.float32, device=x.device)
-    _summaries_grad_weight_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits,)](
-        x, g, dw, H, BH, *x.stride(), d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m,
-        layout.total, per_split, triton.cdiv(d, BD), splits, P=layout.p, LP=LP, E=E, BD=BD, TOK=TOK, BT=BT,
-        PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED, num_warps=DW_WARPS, num_stages=DW_STAGES,
+    dw = torch.zeros(S, layout.p * d * sum(layout.widths), dtype=torch.float32, device=x.device)
+    _summaries_grad_weight_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits, S)](
+        *_sides(xs), g, dw, H, BH, *x.stride(), d, layout.m, layout.num_levels, layout.top, ntop,
+        2 * n // layout.m, layout.total, per_split, dw.shape[1], triton.cdiv(d, BD), splits, P=layout.p, LP=LP,
+        E=E, BD=BD, TOK=TOK, BT=BT, PRECISION=FP32_PRECISION, EMULATE=_INTERPRETED,
+        num_warps=DW_WARPS, num_stages=DW_STAGES,
     )
     return dw
 
@@ -524,13 +562,20 @@ def _grad_weight(x, g, layout: Layout):
 
 
 @torch.library.custom_op("fma::summaries_forward", mutates_args=())
-def summaries_forward(x: torch.Tensor, w_cat: Optional[torch.Tensor], b_cat: Optional[torch.Tensor],
+def summaries_forward(x: torch.Tensor, x2: Optional[torch.Tensor], w_cat: Optional[torch.Tensor],
+                      w2_cat: Optional[torch.Tensor], b_cat: Optional[torch.Tensor], b2_cat: Optional[torch.Tensor],
                       scale: Optional[torch.Tensor], rows: torch.Tensor, per_summary: torch.Tensor,
                       block_size: int, rank: int, avg: bool) -> torch.Tensor:
-    """Every level's summaries of x [B, H, n, d] in one buffer [B, H, T, d] (x's dtype); rows and
-    per_summary from `summary_tables`."""
-    w_op = None if w_cat is None else _operand(w_cat, x.dtype)
-    return _forward(x, w_op, b_cat, scale, rows, per_summary, Layout.of(x.shape[2], block_size, rank), avg)
+    """Every level's summaries of x [B, H, n, d] (W_cat, b_cat) and, if given, of a second side x2 of
+    x's shape and dtype (its own W2_cat, b2_cat) in one buffer [S, B, H, T, d] (x's dtype), both sides
+    in each kernel launch; scale [B, T] (avgpool, padded) is shared; rows and per_summary from
+    `summary_tables`."""
+    xs = [x] if x2 is None else [x, x2]
+    if x2 is not None and x2.stride() != x.stride():  # the kernels take one set of strides
+        xs = [t.contiguous() for t in xs]
+    w_ops = None if w_cat is None else [_operand(w, x.dtype) for w in ([w_cat] if x2 is None else [w_cat, w2_cat])]
+    b_cats = None if b_cat is None else [b_cat] if x2 is None else [b_cat, b2_cat]
+    return _forward(xs, w_ops, b_cats, scale, rows, per_summary, Layout.of(x.shape[2], block_size, rank), avg)
 
 
 # The fake implementations use shape arithmetic only (no Layout): under torch.compile the shapes may
@@ -538,117 +583,130 @@ def summaries_forward(x: torch.Tensor, w_cat: Optional[torch.Tensor], b_cat: Opt
 
 
 @summaries_forward.register_fake
-def _(x, w_cat, b_cat, scale, rows, per_summary, block_size, rank, avg):
+def _(x, x2, w_cat, w2_cat, b_cat, b2_cat, scale, rows, per_summary, block_size, rank, avg):
     batch, heads, n, d = x.shape
-    return x.new_empty(batch, heads, rank * (2 * n // block_size - 4), d)
+    return x.new_empty(1 if x2 is None else 2, batch, heads, rank * (2 * n // block_size - 4), d)
 
 
 @torch.library.custom_op("fma::summaries_grad_input", mutates_args=())
-def summaries_grad_input(g: torch.Tensor, w_cat: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-                         per_summary: torch.Tensor, x_shape: list[int], block_size: int, rank: int,
-                         avg: bool) -> torch.Tensor:
-    """dx [B, H, n, d] in g's dtype from dS g [B*H, T, d] and W (avgpool: the summary scales instead:
-    `scale` when padded, else per_summary from `summary_tables`)."""
-    B, H, n, d = x_shape
+def summaries_grad_input(g: torch.Tensor, w_cat: Optional[torch.Tensor], w2_cat: Optional[torch.Tensor],
+                         scale: Optional[torch.Tensor], per_summary: torch.Tensor, x_shape: list[int],
+                         block_size: int, rank: int, avg: bool) -> torch.Tensor:
+    """dx [S, B, H, n, d] in g's dtype from dS g [S, B*H, T, d] and each side's W (w2_cat for side 1;
+    avgpool: the summary scales instead: `scale` when padded, else per_summary from `summary_tables`)."""
+    S, (B, H, n, d) = g.shape[0], x_shape
     layout = Layout.of(n, block_size, rank)
     if avg:  # the summary scales are part of the (fixed) weights: fold them into dS
         if scale is not None:
-            g_in = (g.view(B, H, layout.total, d).float() * scale[:, None, :, None]).view(B * H, layout.total, d)
+            g_in = (g.view(S, B, H, layout.total, d).float() * scale[:, None, :, None]).view(g.shape)
         else:
             g_in = g.float() * per_summary[:, None]
-        g_op, w_op = _operand(g_in, g.dtype), None
+        g_op, w_ops = _operand(g_in, g.dtype), None
     else:
-        g_op, w_op = (g, 0, False), _operand(w_cat, g.dtype)
-    return _grad_input(g_op, w_op, layout, avg, (B, H, n, d), g.dtype)
+        g_op, w_ops = (g, 0, False), [_operand(w, g.dtype) for w in [w_cat, w2_cat][:S]]
+    return _grad_input(g_op, w_ops, layout, avg, (S, B, H, n, d), g.dtype)
 
 
 @summaries_grad_input.register_fake
-def _(g, w_cat, scale, per_summary, x_shape, block_size, rank, avg):
-    return g.new_empty(x_shape)
+def _(g, w_cat, w2_cat, scale, per_summary, x_shape, block_size, rank, avg):
+    return g.new_empty(g.shape[0], *x_shape)
 
 
 @torch.library.custom_op("fma::summaries_grad_weight", mutates_args=())
-def summaries_grad_weight(x: torch.Tensor, g: torch.Tensor, block_size: int, rank: int) -> torch.Tensor:
-    """dW_cat (fp32, flat) from x [B, H, n, d] and dS g [B*H, T, d] (x's dtype)."""
-    return _grad_weight(x, g, Layout.of(x.shape[2], block_size, rank))
+def summaries_grad_weight(x: torch.Tensor, x2: Optional[torch.Tensor], g: torch.Tensor, block_size: int,
+                          rank: int) -> torch.Tensor:
+    """dW_cat [S, R] (fp32; side 1's from x2) from x [B, H, n, d] and dS g [S, B*H, T, d] (x's dtype)."""
+    xs = [x] if x2 is None else [x, x2] if x2.stride() == x.stride() else [x.contiguous(), x2.contiguous()]
+    return _grad_weight(xs, g, Layout.of(x.shape[2], block_size, rank))
 
 
 @summaries_grad_weight.register_fake
-def _(x, g, block_size, rank):
-    return x.new_empty(rank * x.shape[3] * (x.shape[2] // 2 - block_size), dtype=torch.float32)
+def _(x, x2, g, block_size, rank):
+    return x.new_empty(g.shape[0], rank * x.shape[3] * (x.shape[2] // 2 - block_size), dtype=torch.float32)
 
 
 @torch.library.custom_op("fma::summaries_grad_bias", mutates_args=())
 def summaries_grad_bias(g: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """db_cat (fp32, flat [num_rows * d], num_rows = L p) from dS g [B*H, T, d]: each summary's gradient
+    """db_cat [S, num_rows * d] (fp32, num_rows = L p) from dS g [S, B*H, T, d]: each summary's gradient
     summed into its row (level, r), rows from `summary_tables`."""
-    db = torch.zeros(num_rows, g.shape[2], dtype=torch.float32, device=g.device)
-    return db.index_add_(0, rows, g.sum(0, dtype=torch.float32)).reshape(-1)
+    db = torch.zeros(g.shape[0], num_rows, g.shape[3], dtype=torch.float32, device=g.device)
+    return db.index_add_(1, rows, g.sum(1, dtype=torch.float32)).flatten(1)
 
 
 @summaries_grad_bias.register_fake
 def _(g, rows, num_rows):
-    return g.new_empty(num_rows * g.shape[2], dtype=torch.float32)
+    return g.new_empty(g.shape[0], num_rows * g.shape[3], dtype=torch.float32)
 
 
 def _save_for_backward(ctx, inputs, output):
-    x, w_cat, b_cat, scale, rows, per_summary, block_size, rank, avg = inputs
-    ctx.save_for_backward(x, w_cat, scale, rows, per_summary)
+    x, x2, w_cat, w2_cat, b_cat, b2_cat, scale, rows, per_summary, block_size, rank, avg = inputs
+    ctx.save_for_backward(x, x2, w_cat, w2_cat, scale, rows, per_summary)
     ctx.block_size, ctx.rank, ctx.avg = block_size, rank, avg
     ctx.bias_rows = None if b_cat is None else b_cat.shape[0] // x.shape[3]
 
 
 def _backward(ctx, grad):
-    x, w_cat, scale, rows, per_summary = ctx.saved_tensors
-    B, H, n, d = x.shape
-    g = grad.reshape(B * H, -1, d).to(x.dtype).contiguous()
+    x, x2, w_cat, w2_cat, scale, rows, per_summary = ctx.saved_tensors
+    S, (B, H, n, d) = grad.shape[0], x.shape
+    g = grad.reshape(S, B * H, -1, d).to(x.dtype).contiguous()
     m, p = ctx.block_size, ctx.rank
-    dx = (summaries_grad_input(g, w_cat, scale, per_summary, list(x.shape), m, p, ctx.avg)
-          if ctx.needs_input_grad[0] else None)
-    dw = summaries_grad_weight(x, g, m, p).to(w_cat.dtype) if ctx.needs_input_grad[1] else None
-    db = summaries_grad_bias(g, rows, ctx.bias_rows).to(w_cat.dtype) if ctx.needs_input_grad[2] else None
-    return dx, dw, db, None, None, None, None, None, None
+    # Each side's gradient is a view of one buffer [S, ...] that the kernels wrote in one launch.
+    need_x, need_w, need_b = (any(ctx.needs_input_grad[i:i + 2]) for i in (0, 2, 4))
+    dx = summaries_grad_input(g, w_cat, w2_cat, scale, per_summary, list(x.shape), m, p, ctx.avg) if need_x else None
+    dw = summaries_grad_weight(x, x2, g, m, p).to(w_cat.dtype) if need_w else None
+    db = summaries_grad_bias(g, rows, ctx.bias_rows).to(w_cat.dtype) if need_b else None
+    per_side = [None if t is None else list(t.unbind(0)) + [None] * (2 - S) for t in (dx, dw, db)]
+    grads = [side for t in per_side for side in (t or [None, None])]
+    return (*grads, None, None, None, None, None, None)
 
 
 summaries_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def fused_summaries(
-    x: torch.Tensor,
+    xs: list[torch.Tensor],
     kind: str,
     block_size: int,
     rank: int,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
+    weights: list[torch.Tensor] | None = None,
+    biases: list[torch.Tensor] | None = None,
     counts: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """All levels' summaries of x [B, H, n, d] (zero at pads) in one buffer [B, H, T, d] of x's dtype.
+    """All levels' summaries of each side x in xs (1 or 2 tensors [B, H, n, d] of one shape and dtype,
+    zero at pads; a layer's keys and values: 2, summarised in the same kernel launches) in one buffer
+    [S, B, H, T, d] of x's dtype.
 
-    kind "groupedconv": weight [sum_l p w_l, d] and bias [L p, d], levels in order as `Downsample`
-    holds them, at least the levels of this n (rows of longer sequences' levels are ignored). kind
-    "avgpool": no parameters; counts (per level [B, (n / w_l) * p], real tokens per summary, as
-    Downsample computes them) or None (no padding). Differentiable in x, weight and bias. Level l occupies rows offsets[l-1]:offsets[l] of dim 2,
-    see `Layout.of(n, block_size, rank).offsets`. (Plain arithmetic here, no Layout: torch.compile
-    traces this wrapper, and cannot trace a cached classmethod.)
+    kind "groupedconv": per side a weight [sum_l p w_l, d] and a bias [L p, d], levels in order as
+    `Downsample` holds them, at least the levels of this n (rows of longer sequences' levels are
+    ignored). kind "avgpool": no parameters; counts (per level [B, (n / w_l) * p], real tokens per
+    summary, as Downsample computes them; the same for every side) or None (no padding).
+    Differentiable in xs, the weights and the biases. Level l occupies rows offsets[l-1]:offsets[l] of
+    dim 3, see `Layout.of(n, block_size, rank).offsets`. (Plain arithmetic here, no Layout:
+    torch.compile traces this wrapper, and cannot trace a cached classmethod.)
     """
     if kind not in ("groupedconv", "avgpool"):
         raise ValueError(f"no fused kernel for downsampling {kind!r}")
-    num_levels = len(level_widths(x.shape[2], block_size))
+    if len(xs) not in (1, 2):
+        raise ValueError(f"the kernels summarise one or two sides at once, not {len(xs)}")
+    widths = level_widths(xs[0].shape[2], block_size)
     avg = kind == "avgpool"
-    w_cat = b_cat = scale = None
+    w_cats = b_cats = [None, None]
+    scale = None
     if avg:
         if counts is not None:
             scale = torch.cat(counts, dim=1).to(torch.float32).clamp_min(1).reciprocal().contiguous()
-    else:
-        filter_rows = rank * block_size * (2**num_levels - 1)  # sum_l p w_l, w_l = m 2^(l-1)
-        w_cat = weight[:filter_rows].reshape(-1)
-        b_cat = bias[:num_levels * rank].reshape(-1)
-    rows, per_summary = summary_tables(x.shape[2], block_size, rank, x.device)
-    return summaries_forward(x, w_cat, b_cat, scale, rows, per_summary, block_size, rank, avg)
+    else:  # level l's p w_l filter rows and p bias rows, in order
+        w_cats = [weight[:rank * sum(widths)].reshape(-1) for weight in weights] + [None]
+        b_cats = [bias[:len(widths) * rank].reshape(-1) for bias in biases] + [None]
+    rows, per_summary = summary_tables(xs[0].shape[2], block_size, rank, xs[0].device)
+    second = xs[1] if len(xs) == 2 else None
+    return summaries_forward(xs[0], second, w_cats[0], w_cats[1], b_cats[0], b_cats[1], scale, rows, per_summary,
+                             block_size, rank, avg)
 
 
 def split_levels(buffer: torch.Tensor, block_size: int, rank: int) -> list[torch.Tensor]:
-    """Per-level views [B, H, (n / w_l) * p, d] of a buffer from `fused_summaries` (n from its size)."""
+    """Per-level views [B, H, (n / w_l) * p, d] of one side [B, H, T, d] of a buffer from
+    `fused_summaries` (n from its size)."""
     total = buffer.shape[2]
     n = (total // rank + 4) * block_size // 2  # T = p * (2n / m - 4)
     sizes = [n // width * rank for width in level_widths(n, block_size)]

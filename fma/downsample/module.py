@@ -134,29 +134,16 @@ class Downsample(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None, *, backend: str = "auto"):
-        widths = level_widths(x.shape[2], self.block_size)
-        self.check_levels(len(widths))
-        if padding_mask is None:
-            counts = None
-        else:
-            x = x.masked_fill(padding_mask[:, None, :, None], 0)
-            real = (~padding_mask).to(torch.promote_types(x.dtype, torch.float32))
-            counts = [real_counts(self.kind, real, width, self.rank) for width in widths]
-        if self.resolved_backend(x, backend) == "triton":
-            from .fused import fused_summaries, split_levels  # imports Triton: only here
+        summaries, counts = summarise_sides((self,), [x], padding_mask, backend=backend)
+        return summaries[0], counts
 
-            if self.kind == "multilevel":
-                parameters = self.parameters_of_levels(len(widths))
-                buffer = fused_upward(x, self.block_size, self.rank, parameters, counts)
-            else:  # the kernels read every level's filters from the one weight and bias
-                buffer = fused_summaries(x, self.kind, self.block_size, self.rank, self.weight, self.bias, counts)
-            return split_levels(buffer, self.block_size, self.rank), counts
+    def torch_summaries(self, x: torch.Tensor, widths: list[int], counts: list[torch.Tensor] | None):
+        """The torch path: per level [batch, heads, (n / w_l) * p, d] of x [batch, heads, n, d] (zero at pads)."""
         parameters = self.parameters_of_levels(len(widths))
         if self.kind == "multilevel":
-            return upward(x, self.block_size, self.rank, parameters, counts), counts
-        summaries = [summarise(self.kind, x, width, self.rank, weight, bias, count) for width, (weight, bias), count
-                     in zip(widths, parameters, counts or [None] * len(widths))]
-        return summaries, counts
+            return upward(x, self.block_size, self.rank, parameters, counts)
+        return [summarise(self.kind, x, width, self.rank, weight, bias, count) for width, (weight, bias), count
+                in zip(widths, parameters, counts or [None] * len(widths))]
 
     def parameters_of_levels(self, count: int) -> list[tuple]:
         """`level_parameters` of levels 1..count ((None, None) each for avgpool)."""
@@ -190,3 +177,32 @@ def segment_average(width: int, rank: int) -> torch.Tensor:
     segment_of_token = torch.arange(width) * rank // width
     one_hot = (segment_of_token == torch.arange(rank)[:, None]).float()
     return one_hot / one_hot.sum(1, keepdim=True)
+
+
+def summarise_sides(downsamples, xs: list[torch.Tensor], padding_mask: torch.Tensor | None = None, *,
+                    backend: str = "auto"):
+    """Each side x in xs ([batch, heads, n, d] each, one shape) summarised by its own Downsample (a
+    layer's keys and values: two sides, two modules built alike) -> (per side the per-level summaries
+    of `Downsample.forward`, counts as there, the same for every side). On the fused path the two
+    sides share every kernel launch (the kernels' second grid axis)."""
+    first = downsamples[0]
+    widths = level_widths(xs[0].shape[2], first.block_size)
+    first.check_levels(len(widths))
+    if padding_mask is None:
+        counts = None
+    else:
+        xs = [x.masked_fill(padding_mask[:, None, :, None], 0) for x in xs]
+        real = (~padding_mask).to(torch.promote_types(xs[0].dtype, torch.float32))
+        counts = [real_counts(first.kind, real, width, first.rank) for width in widths]
+    if first.resolved_backend(xs[0], backend) == "triton":
+        from .fused import fused_summaries, split_levels  # imports Triton: only here
+
+        m, p = first.block_size, first.rank
+        if first.kind == "multilevel":
+            buffer = fused_upward(xs, m, p, [side.parameters_of_levels(len(widths)) for side in downsamples], counts)
+        else:  # the kernels read every level's filters from each side's one weight and bias
+            learned = first.weight is not None
+            buffer = fused_summaries(xs, first.kind, m, p, [side.weight for side in downsamples] if learned else None,
+                                     [side.bias for side in downsamples] if learned else None, counts)
+        return [split_levels(side, m, p) for side in buffer.unbind(0)], counts
+    return [side.torch_summaries(x, widths, counts) for side, x in zip(downsamples, xs)], counts

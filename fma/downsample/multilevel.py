@@ -45,20 +45,23 @@ def padded_biases(parameters, counts: list[torch.Tensor], n: int, block_size: in
     return torch.cat([level.expand(counts[0].shape[0], -1, -1, -1) for level in levels], 2)
 
 
-def fused_upward(x: torch.Tensor, block_size: int, rank: int, parameters, counts) -> torch.Tensor:
-    """multilevel's summaries of x [B, H, n, d] (zero at pads) by the fused groupedconv kernel: one buffer
-    [B, H, T, d] in x's dtype, levels as `fused.split_levels` splits them, equal to `upward` to rounding.
-    parameters: `Downsample.parameters_of_levels` for n's levels; counts: `real_counts` per level or None."""
+def fused_upward(xs: list[torch.Tensor], block_size: int, rank: int, parameters, counts) -> torch.Tensor:
+    """multilevel's summaries of each side x in xs (1 or 2 tensors [B, H, n, d], zero at pads) by the
+    fused groupedconv kernel, the sides in the same launches: one buffer [S, B, H, T, d] in x's dtype,
+    levels as `fused.split_levels` splits each side, equal to `upward` to rounding. parameters: per
+    side, `Downsample.parameters_of_levels` for n's levels; counts: `real_counts` per level or None."""
     from .fused import fused_summaries  # imports Triton: only here
 
     # In float32 even under autocast or with bf16 parameters, as groupedconv's own filters are: the
     # kernel splits float32 filters into hi + lo halves, and the levels' products do not compound
     # bf16 rounding.
-    parameters = [(weight.float(), bias.float()) for weight, bias in parameters]
-    with torch.autocast(x.device.type, enabled=False):
-        filters, biases = effective_filters(parameters)
-        bias_part = None if counts is None else padded_biases(parameters, counts, x.shape[2], block_size)
+    parameters = [[(weight.float(), bias.float()) for weight, bias in side] for side in parameters]
+    n = xs[0].shape[2]
+    with torch.autocast(xs[0].device.type, enabled=False):
+        filters, biases = zip(*[effective_filters(side) for side in parameters])
+        bias_part = None if counts is None else torch.stack(
+            [padded_biases(side, counts, n, block_size) for side in parameters])
     if counts is None:
-        return fused_summaries(x, "groupedconv", block_size, rank, filters, biases)
-    linear = fused_summaries(x, "groupedconv", block_size, rank, filters, torch.zeros_like(biases))
-    return (linear + bias_part).to(x.dtype)
+        return fused_summaries(xs, "groupedconv", block_size, rank, list(filters), list(biases))
+    linear = fused_summaries(xs, "groupedconv", block_size, rank, list(filters), [torch.zeros_like(b) for b in biases])
+    return (linear + bias_part).to(xs[0].dtype)

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..downsample import FUSED_KINDS, Downsample
+from ..downsample import FUSED_KINDS, Downsample, summarise_sides
 from ..errors import ConfigurationError
 from ..indexing import padded_length
 from ..layer import AttentionLayer, check_length
@@ -144,7 +144,8 @@ def summarised_attention(q, k, v, padding_mask, *, key_downsample: Downsample, v
                          block_size: int, causal: bool, scale_coarse: bool, backend: str,
                          downsample_queries: bool = False) -> torch.Tensor:
     """FMA at any length: q, k, v [batch, heads, n, d] padded to a valid length (pads masked), keys and
-    values summarised by their Downsample modules, one multipole softmax, cropped back to n.
+    values summarised by their Downsample modules (on the fused path both in the same kernel launches),
+    one multipole softmax, cropped back to n.
     downsample_queries: the O(n) variant's torch path (bidirectional; the caller refuses causal)."""
     batch, _, n, _ = q.shape
     valid = padded_length(n, block_size)
@@ -153,8 +154,8 @@ def summarised_attention(q, k, v, padding_mask, *, key_downsample: Downsample, v
             padding_mask = torch.zeros(batch, n, dtype=torch.bool, device=q.device)
         padding_mask = F.pad(padding_mask, (0, valid - n), value=True)
         q, k, v = (F.pad(x, (0, 0, 0, valid - n)) for x in (q, k, v))
-    coarse_k, coarse_counts = key_downsample(k, padding_mask, backend=backend)
-    coarse_v, _ = value_downsample(v, padding_mask, backend=backend)
+    (coarse_k, coarse_v), coarse_counts = summarise_sides((key_downsample, value_downsample), [k, v], padding_mask,
+                                                          backend=backend)  # keys and values in one launch
     if downsample_queries:
         out = coarse_query_attention(q, k, v, coarse_k, coarse_v, block_size=block_size, rank=key_downsample.rank,
                                      scale_coarse=scale_coarse, key_padding_mask=padding_mask,
