@@ -10,7 +10,8 @@ work and differs only in how attention scales with length. Rows are series (scri
         --series "full (flash): model=full model.attention.backend=flash" \\
         "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2"
 
---compile times every layer through torch.compile (compiled against compiled; FMA's kernels are
+The default rows are every kind (with --bidirectional also those without a causal form: Nyströmformer,
+Linformer). --compile times every layer through torch.compile (compiled against compiled; FMA's kernels are
 registered operators). --profile also counts each layer's GPU kernels and host launches per
 forward+backward (torch.profiler): what CUDA graphs save where the host bounds a step.
 """
@@ -19,9 +20,9 @@ import torch
 
 import fma
 from models.profiling import profile_calls
-from benchlib import (benchmark_parser, environment, length_table, measure, model_config, parse_args,
-                      plot_against_length, require_cuda, write_reports)
-from series import Series
+from benchlib import (BIDIRECTIONAL_SERIES, SERIES, benchmark_parser, environment, length_table, measure, model_config,
+                      parse_args, plot_against_length, require_cuda, write_reports)
+from series import Series, parse_series_list
 
 
 def attention_layer(series: Series, seq_len: int, dim: int, heads: int, causal: bool) -> fma.AttentionLayer:
@@ -47,6 +48,13 @@ def layer_step(series: Series, seq_len: int, batch: int, dim: int, heads: int, c
     return step
 
 
+def rows_to_run(series: list[Series], bidirectional: bool) -> list[Series]:
+    """The rows: bidirectional, the default rows gain the kinds that have no causal form."""
+    if bidirectional and series == parse_series_list(SERIES):
+        return series + parse_series_list(BIDIRECTIONAL_SERIES)
+    return series
+
+
 def main():
     parser = benchmark_parser(__doc__, lengths=[2**k for k in range(10, 18)], tokens=131072,
                               tokens_help="tokens per batch (batch = tokens / length)", out="benchmarks/attention")
@@ -54,6 +62,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="time every layer through torch.compile")
     parser.add_argument("--profile", action="store_true", help="also count kernels and launches per fwd+bwd")
     args = parse_args(parser)
+    args.series = rows_to_run(args.series, args.bidirectional)
     require_cuda("bench_attention.py")
     env = environment()
     rows = []

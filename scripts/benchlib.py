@@ -26,7 +26,10 @@ SERIES = ["full (cuDNN): model=full model.attention.backend=cudnn",
           "full (flash): model=full model.attention.backend=flash",
           "fma m=64 p=2: model=fma model.attention.block_size=64 model.attention.rank=2",
           "fma m=32 p=2: model=fma model.attention.block_size=32 model.attention.rank=2",
-          "local w=128: model=local model.attention.window=128", "model=linear", "model=htransformer", "model=reformer"]
+          "local w=128: model=local model.attention.window=128", "model=linear", "model=htransformer", "model=reformer",
+          "model=fastmax"]
+# The kinds without a causal form, which the bidirectional benchmarks add to SERIES.
+BIDIRECTIONAL_SERIES = ["model=nystromformer", "model=linformer"]
 
 
 def benchmark_parser(doc: str, *, lengths: list[int], tokens: int | None, out: str, tokens_help: str = "",

@@ -359,6 +359,7 @@ OLD_VARIANTS = {
     "linear": ("linear", {}),
     "htransformer": ("htransformer", {}),
     "reformer": ("reformer", {}),
+    "fastmax": ("fastmax", {}),
 }
 
 
@@ -382,6 +383,18 @@ def test_benchmark_rows_compose_to_the_layers_and_models_they_measured():
     with pytest.raises(SystemExit):   # a bad row is a usage error
         benchlib.parse_args(bench_attention.benchmark_parser("", lengths=[256], tokens=256, tokens_help="",
                                                              out="unused"), ["--series", "fma:m=64,p=2"])
+
+
+def test_bidirectional_benchmark_rows_add_the_kinds_without_a_causal_form():
+    default = benchlib.parse_args(bench_attention.benchmark_parser("", lengths=[256], tokens=256, tokens_help="",
+                                                                   out="unused"), []).series
+    assert bench_attention.rows_to_run(default, bidirectional=False) == default
+    extended = bench_attention.rows_to_run(default, bidirectional=True)
+    assert [series.label for series in extended] == [*OLD_VARIANTS, "nystromformer", "linformer"]
+    for series in extended[-2:]:
+        assert bench_attention.attention_layer(series, 256, dim=32, heads=2, causal=False).causal is False
+    chosen = benchlib.parse_series_list(["model=full"])
+    assert bench_attention.rows_to_run(chosen, bidirectional=True) == chosen
 
 
 @pytest.mark.parametrize("kind", ["full", "fma"])
