@@ -20,9 +20,9 @@ import torch
 
 import fma
 from models.profiling import profile_calls
-from benchlib import (BIDIRECTIONAL_SERIES, SERIES, benchmark_parser, environment, length_table, measure, model_config,
-                      parse_args, plot_against_length, require_cuda, write_reports)
-from series import Series, parse_series_list
+from benchlib import (benchmark_parser, environment, length_table, measure, model_config, parse_args,
+                      plot_against_length, require_cuda, rows_to_run, write_reports)
+from series import Series
 
 
 def attention_layer(series: Series, seq_len: int, dim: int, heads: int, causal: bool) -> fma.AttentionLayer:
@@ -46,13 +46,6 @@ def layer_step(series: Series, seq_len: int, batch: int, dim: int, heads: int, c
         forward(x).backward(grad)
 
     return step
-
-
-def rows_to_run(series: list[Series], bidirectional: bool) -> list[Series]:
-    """The rows: bidirectional, the default rows gain the kinds that have no causal form."""
-    if bidirectional and series == parse_series_list(SERIES):
-        return series + parse_series_list(BIDIRECTIONAL_SERIES)
-    return series
 
 
 def main():

@@ -28,8 +28,15 @@ SERIES = ["full (cuDNN): model=full model.attention.backend=cudnn",
           "fma m=32 p=2: model=fma model.attention.block_size=32 model.attention.rank=2",
           "local w=128: model=local model.attention.window=128", "model=linear", "model=htransformer", "model=reformer",
           "model=fastmax"]
-# The kinds without a causal form, which the bidirectional benchmarks add to SERIES.
+# The kinds without a causal form, which the bidirectional benchmarks add to SERIES (`rows_to_run`).
 BIDIRECTIONAL_SERIES = ["model=nystromformer", "model=linformer"]
+
+
+def rows_to_run(series: list[Series], bidirectional: bool) -> list[Series]:
+    """The rows: bidirectional, the default rows gain the kinds that have no causal form."""
+    if bidirectional and series == parse_series_list(SERIES):
+        return series + parse_series_list(BIDIRECTIONAL_SERIES)
+    return series
 
 
 def benchmark_parser(doc: str, *, lengths: list[int], tokens: int | None, out: str, tokens_help: str = "",

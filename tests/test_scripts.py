@@ -388,33 +388,35 @@ def test_benchmark_rows_compose_to_the_layers_and_models_they_measured():
 def test_bidirectional_benchmark_rows_add_the_kinds_without_a_causal_form():
     default = benchlib.parse_args(bench_attention.benchmark_parser("", lengths=[256], tokens=256, tokens_help="",
                                                                    out="unused"), []).series
-    assert bench_attention.rows_to_run(default, bidirectional=False) == default
-    extended = bench_attention.rows_to_run(default, bidirectional=True)
+    assert benchlib.rows_to_run(default, bidirectional=False) == default
+    extended = benchlib.rows_to_run(default, bidirectional=True)
     assert [series.label for series in extended] == [*OLD_VARIANTS, "nystromformer", "linformer"]
     for series in extended[-2:]:
         assert bench_attention.attention_layer(series, 256, dim=32, heads=2, causal=False).causal is False
     chosen = benchlib.parse_series_list(["model=full"])
-    assert bench_attention.rows_to_run(chosen, bidirectional=True) == chosen
+    assert benchlib.rows_to_run(chosen, bidirectional=True) == chosen
 
 
-@pytest.mark.parametrize("kind", ["full", "fma"])
-def test_bench_train_runs_train_py_and_reports_its_result(tmp_path, kind):
+@pytest.mark.parametrize("kind, objective", [("full", "clm"), ("fma", "clm"), ("full", "mlm")])
+def test_bench_train_runs_train_py_and_reports_its_result(tmp_path, kind, objective):
     """A bench_train point is train.py with the point's overrides (here on the CPU): it trains its steps
     and nothing else, and its row holds result.json's tokens/s with the FLOPs counted by hand: d = 32, one
-    layer, MLP ratio 4, 256 byte symbols: 6 (12 d^2 + 256 d) per token, plus 6 n d for full attention."""
+    layer, MLP ratio 4, 256 byte symbols: 6 (12 d^2 + 256 d) per token (masked LM: the head at 15% of
+    them), plus 6 n d for causal full attention, 12 n d bidirectional."""
     overrides = bench_train.point_overrides(
         parse_series(f"model={kind}"), 64, 2, ["model.depth=1", "model.dim=32", "model.num_heads=2"], "auto",
-        data=None, steps=12, profile=tmp_path / "profile.json")
+        data=None, steps=12, profile=tmp_path / "profile.json", objective=objective)
     result, command = bench_train.run_point([o.replace("trainer=gpu", "trainer=cpu") for o in overrides],
                                             tmp_path / "run")
     assert (result["status"], result["steps"]) == ("ok", 12) and result["metrics"] == {}
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "profile.json").exists()
     row = bench_train.row_of(result, kind, parse_series(f"model={kind}"), "auto", 64, 2, tmp_path / "profile.json",
                              command)
-    dense = 6 * (12 * 32 * 32 + 256 * 32)
+    dense = 6 * (12 * 32 * 32 + (256 if objective == "clm" else 0.15 * 256) * 32)
     assert row["tokens_per_s"] == result["tokens_per_s"] > 0
     assert row["dense_mfu"] == pytest.approx(dense * row["tokens_per_s"] / 989e12, rel=1e-9)
-    assert row["mfu"] == (pytest.approx((dense + 6 * 64 * 32) * row["tokens_per_s"] / 989e12, rel=1e-9)
+    attention = (6 if objective == "clm" else 12) * 64 * 32
+    assert row["mfu"] == (pytest.approx((dense + attention) * row["tokens_per_s"] / 989e12, rel=1e-9)
                           if kind == "full" else None)
 
 
