@@ -460,6 +460,19 @@ def _sides(tensors):
     return tensors[0], tensors[-1]
 
 
+def _split_weights(w_ops, dummy):
+    """Per side the W operands of `_operand` results (or [dummy] without weights), their lo offset, split."""
+    return ([w for w, _, _ in w_ops], w_ops[0][1], w_ops[0][2]) if w_ops is not None else ([dummy], 0, False)
+
+
+def _side_inputs(x, x2):
+    """The sides given to an operator as a list ([x] or [x, x2]), made contiguous where their strides
+    differ: the kernels take one set of strides."""
+    if x2 is None:
+        return [x]
+    return [x, x2] if x2.stride() == x.stride() else [x.contiguous(), x2.contiguous()]
+
+
 def _forward(xs, w_ops, b_cats, scale, rows, per_summary, layout: Layout, avg: bool):
     """Summaries of every level of each side x in xs (1 or 2 tensors [B, H, n, d], one shape and
     stride) into one buffer [S, B, H, T, d] (x's dtype). w_ops: per side `_operand` of W_cat, or None;
@@ -483,7 +496,7 @@ def _forward(xs, w_ops, b_cats, scale, rows, per_summary, layout: Layout, avg: b
     coarse_off = layout.offsets[coarse_level]
     out = kernel_output((S, B, H, T, d), x.dtype, x.device)
     scratch = torch.zeros((S, BH, T - coarse_off, d), dtype=torch.float32, device=x.device)
-    ws, w_lo, split_w = ([w for w, _, _ in w_ops], w_ops[0][1], w_ops[0][2]) if w_ops is not None else ([scratch], 0, False)
+    ws, w_lo, split_w = _split_weights(w_ops, scratch)
     bs = b_cats if b_cats is not None else [scratch]
     _summaries_forward_kernel[(top // chunk * c_groups * e_groups, S)](
         *_sides(xs), *_sides(ws), *_sides(bs), scale if scale is not None else scratch, out, scratch,
@@ -520,7 +533,7 @@ def _grad_input(g_op, w_ops, layout: Layout, avg: bool, shape, dtype):
     splits = triton.cdiv(groups, per_split)
     dx = kernel_output(shape, dtype, g_op[0].device)
     g, g_lo, split_g = g_op
-    ws, w_lo, split_w = ([w for w, _, _ in w_ops], w_ops[0][1], w_ops[0][2]) if w_ops is not None else ([g], 0, False)
+    ws, w_lo, split_w = _split_weights(w_ops, g)
     _summaries_grad_input_kernel[(layout.top // TOK * triton.cdiv(d, BD) * splits, S)](
         g, *_sides(ws), dx,
         BH, n, d, layout.m, layout.num_levels, layout.top, ntop, 2 * n // layout.m, layout.total, per_split,
@@ -570,11 +583,9 @@ def summaries_forward(x: torch.Tensor, x2: Optional[torch.Tensor], w_cat: Option
     x's shape and dtype (its own W2_cat, b2_cat) in one buffer [S, B, H, T, d] (x's dtype), both sides
     in each kernel launch; scale [B, T] (avgpool, padded) is shared; rows and per_summary from
     `summary_tables`."""
-    xs = [x] if x2 is None else [x, x2]
-    if x2 is not None and x2.stride() != x.stride():  # the kernels take one set of strides
-        xs = [t.contiguous() for t in xs]
-    w_ops = None if w_cat is None else [_operand(w, x.dtype) for w in ([w_cat] if x2 is None else [w_cat, w2_cat])]
-    b_cats = None if b_cat is None else [b_cat] if x2 is None else [b_cat, b2_cat]
+    xs = _side_inputs(x, x2)
+    w_ops = None if w_cat is None else [_operand(w, x.dtype) for w in [w_cat, w2_cat][:len(xs)]]
+    b_cats = None if b_cat is None else [b_cat, b2_cat][:len(xs)]
     return _forward(xs, w_ops, b_cats, scale, rows, per_summary, Layout.of(x.shape[2], block_size, rank), avg)
 
 
@@ -616,8 +627,7 @@ def _(g, w_cat, w2_cat, scale, per_summary, x_shape, block_size, rank, avg):
 def summaries_grad_weight(x: torch.Tensor, x2: Optional[torch.Tensor], g: torch.Tensor, block_size: int,
                           rank: int) -> torch.Tensor:
     """dW_cat [S, R] (fp32; side 1's from x2) from x [B, H, n, d] and dS g [S, B*H, T, d] (x's dtype)."""
-    xs = [x] if x2 is None else [x, x2] if x2.stride() == x.stride() else [x.contiguous(), x2.contiguous()]
-    return _grad_weight(xs, g, Layout.of(x.shape[2], block_size, rank))
+    return _grad_weight(_side_inputs(x, x2), g, Layout.of(x.shape[2], block_size, rank))
 
 
 @summaries_grad_weight.register_fake
@@ -690,18 +700,25 @@ def fused_summaries(
         raise ValueError(f"the kernels summarise one or two sides at once, not {len(xs)}")
     widths = level_widths(xs[0].shape[2], block_size)
     avg = kind == "avgpool"
-    w_cats = b_cats = [None, None]
+    w_cats = b_cats = []
     scale = None
     if avg:
         if counts is not None:
             scale = torch.cat(counts, dim=1).to(torch.float32).clamp_min(1).reciprocal().contiguous()
     else:  # level l's p w_l filter rows and p bias rows, in order
-        w_cats = [weight[:rank * sum(widths)].reshape(-1) for weight in weights] + [None]
-        b_cats = [bias[:len(widths) * rank].reshape(-1) for bias in biases] + [None]
+        w_cats = [weight[:rank * sum(widths)].reshape(-1) for weight in weights]
+        b_cats = [bias[:len(widths) * rank].reshape(-1) for bias in biases]
     rows, per_summary = summary_tables(xs[0].shape[2], block_size, rank, xs[0].device)
-    second = xs[1] if len(xs) == 2 else None
-    return summaries_forward(xs[0], second, w_cats[0], w_cats[1], b_cats[0], b_cats[1], scale, rows, per_summary,
-                             block_size, rank, avg)
+    x, x2 = _first_and_second(xs)
+    w_cat, w2_cat = _first_and_second(w_cats)
+    b_cat, b2_cat = _first_and_second(b_cats)
+    return summaries_forward(x, x2, w_cat, w2_cat, b_cat, b2_cat, scale, rows, per_summary, block_size, rank, avg)
+
+
+def _first_and_second(items: list) -> tuple:
+    """A list of up to two sides as the operators' (first, second) arguments, None where absent."""
+    first, second, *_ = [*items, None, None]
+    return first, second
 
 
 def split_levels(buffer: torch.Tensor, block_size: int, rank: int) -> list[torch.Tensor]:

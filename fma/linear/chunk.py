@@ -47,9 +47,7 @@ def causal_chunked_sums(phi_q, phi_k, v, chunk_size: int) -> tuple[torch.Tensor,
     the masked quadratic form within c plus their product with the state of chunks 0..c-1.
     """
     n = phi_q.shape[-2]
-    chunks = -(-n // chunk_size)
-    phi_q, phi_k, v = (F.pad(x, (0, 0, 0, chunks * chunk_size - n)).unflatten(-2, (chunks, chunk_size))
-                       for x in (phi_q, phi_k, v))
+    phi_q, phi_k, v = in_chunks((phi_q, phi_k, v), chunk_size)
     causal_mask = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=v.device).tril()
     within = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~causal_mask, 0.0)  # [b, h, chunks, C, C]
     chunk_state = phi_k.transpose(-1, -2) @ v  # [b, h, chunks, d, d]: sum of phi(k_j) v_j^T in the chunk
@@ -65,12 +63,17 @@ def causal_denominator(phi_q, phi_k, chunk_size: int) -> torch.Tensor:
     within each chunk, plus the chunks before it. One cumsum along n would be a sequential scan of
     length n per (b, h, d) column on CUDA; here the scans are chunk_size and n / chunk_size long."""
     n = phi_q.shape[-2]
-    chunks = -(-n // chunk_size)
-    phi_q, phi_k = (F.pad(x, (0, 0, 0, chunks * chunk_size - n)).unflatten(-2, (chunks, chunk_size))
-                    for x in (phi_q, phi_k))
+    phi_q, phi_k = in_chunks((phi_q, phi_k), chunk_size)
     within = phi_k.cumsum(-2)  # [b, h, chunks, C, d]
     before = exclusive_cumsum(within[:, :, :, -1:])  # [b, h, chunks, 1, d]
     return (phi_q * (within + before)).sum(-1, keepdim=True).flatten(2, 3)[:, :, :n]
+
+
+def in_chunks(tensors, chunk_size: int) -> list[torch.Tensor]:
+    """Each [b, h, n, d] zero-padded to whole chunks and viewed as [b, h, chunks, chunk_size, d]."""
+    n = tensors[0].shape[-2]
+    chunks = -(-n // chunk_size)
+    return [F.pad(x, (0, 0, 0, chunks * chunk_size - n)).unflatten(-2, (chunks, chunk_size)) for x in tensors]
 
 
 def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,11 @@ def window_block_mask(n: int, window: int, causal: bool, device: torch.device) -
 cached_window_block_mask = functools.lru_cache(maxsize=16)(window_block_mask)
 
 
+def whole_blocks(n: int) -> int:
+    """n sorted places padded to whole FlexAttention blocks."""
+    return -(-n // BLOCK) * BLOCK
+
+
 def code_dtype(padded: int, window: int) -> torch.dtype:
     """int32 where every code (< padded * (window + 2)) fits, else int64."""
     return torch.int32 if padded * (window + 2) < 2**31 else torch.int64
@@ -73,7 +78,7 @@ def sorted_codes(buckets: torch.Tensor, window: int) -> tuple[torch.Tensor, torc
     template, this index arithmetic failed to lower in inference graphs on CUDA (torch 2.11, "convert
     FlexibleLayout to FixedLayout first")."""
     batch, heads, rounds, n = buckets.shape
-    padded = -(-n // BLOCK) * BLOCK
+    padded = whole_blocks(n)
     position = torch.arange(n, device=buckets.device)
     order = (buckets * n + position).argsort(-1)
     rank = torch.empty_like(order).scatter_(-1, order, position.expand_as(order))  # token -> its place
@@ -90,7 +95,7 @@ def sorted_codes(buckets: torch.Tensor, window: int) -> tuple[torch.Tensor, torc
 @sorted_codes.register_fake
 def _(buckets, window):
     batch, heads, rounds, n = buckets.shape
-    padded = -(-n // BLOCK) * BLOCK
+    padded = whole_blocks(n)
     index = buckets.new_empty(batch, heads, rounds, n, dtype=torch.int64)
     return (index, torch.empty_like(index),
             buckets.new_empty(batch, heads * rounds, rounds, padded, dtype=code_dtype(padded, window)))
@@ -101,7 +106,7 @@ def sorted_rounds(q, k, v, buckets, window: int):
     ([b, h * R, N, d]); each token's place in each round (rank [b, h, R, n]); and `sorted_codes`'
     codes [b, h * R, R, N]."""
     n = buckets.shape[-1]
-    padded = -(-n // BLOCK) * BLOCK
+    padded = whole_blocks(n)
     order, rank, their_code = sorted_codes(buckets, window)
 
     def arrange(x):  # [b, h, n, d] -> [b, h * R, N, d]
